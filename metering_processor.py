@@ -1,0 +1,1700 @@
+#!/usr/bin/env python3
+"""Export Omnistrate usage-metering data from S3 to Clazar, one final hour at a time.
+
+Run it hourly (cron, a systemd timer, a Kubernetes CronJob). For every configured
+service key (``service:environment:plan``) it works out which hours Omnistrate has
+finished exporting, reads that hour's files from S3, sums the usage per marketplace
+contract and dimension, and sends one metering record for each to Clazar.
+
+Clazar accepts one record per contract, dimension and hour and refuses any later
+correction, so the run is built around three rules:
+
+* an hour is read only once the export marker declares it final;
+* an hour is sent whole or not at all: a bad file fails the hour before anything
+  of it is sent;
+* the outgoing records of an hour are written to the state before the first
+  request, and a crashed hour is resent from the state, never recomputed.
+
+Exit codes: 0 done, 1 an hour failed or a record was rejected, 2 configuration
+error, 3 another run holds the lock, 4 the state could not be read or written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import concurrent.futures
+import contextlib
+import dataclasses
+import errno
+import fcntl
+import io
+import json
+import logging
+import math
+import os
+import re
+import socket
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from fractions import Fraction
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from urllib.parse import urlsplit
+
+__version__ = "1.0.0"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_CONFIG = 2
+EXIT_LOCKED = 3
+EXIT_STATE = 4
+
+log = logging.getLogger("metering")
+
+
+class MeteringError(Exception):
+    """Base of every error this module raises on purpose; carries the exit code."""
+
+    exit_code = EXIT_FAILED
+
+
+# ---------------------------------------------------------------------------
+# 1. Configuration: read and validate the environment once.
+# ---------------------------------------------------------------------------
+
+
+class ConfigError(MeteringError):
+    """A missing or invalid setting. The message names the variable."""
+
+    exit_code = EXIT_CONFIG
+
+    def __init__(self, variable: str, problem: str):
+        super().__init__(f"{variable}: {problem}")
+        self.variable = variable
+
+
+DEFAULT_API_URL = "https://api.clazar.io/metering/"
+CLOUDS = ("aws", "azure", "gcp")
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+# Omnistrate's documented dimensions. Formulas may name these (and any listed in
+# OMNISTRATE_DIMENSIONS); a dimension outside the list still passes through when
+# no formulas are configured.
+OMNISTRATE_DIMENSIONS = (
+    "cpu_core_hours",
+    "memory_byte_hours",
+    "storage_allocated_byte_hours",
+    "replica_hours",
+)
+
+# Every variable the exporter reads, with its default, for --help and the README.
+SETTINGS = (
+    ("S3_BUCKET_NAME", "(required)", "bucket holding omnistrate-metering/"),
+    ("SERVICE_NAME", "(required unless SERVICES)", "Omnistrate service name"),
+    ("ENVIRONMENT_TYPE", "(required unless SERVICES)", "PROD, DEV, ..."),
+    ("PLAN_ID", "(required unless SERVICES)", "product tier id, pt-..."),
+    ("SERVICES", "(unset)", "comma-separated service:environment:plan keys"),
+    ("CLAZAR_CLIENT_ID", "(required unless dry run)", "Clazar API client id"),
+    ("CLAZAR_CLIENT_SECRET", "(required unless dry run)", "Clazar API client secret"),
+    ("CLAZAR_CLOUD", "aws", "aws, azure or gcp"),
+    ("CLAZAR_API_URL", DEFAULT_API_URL, "metering endpoint"),
+    ("CLAZAR_AUTH_URL", "origin of CLAZAR_API_URL + /authenticate/", "token endpoint"),
+    ("CLAZAR_BATCH_SIZE", "25", "records per request"),
+    ("CLAZAR_MAX_RETRIES", "5", "retries per request on errors, 429 and 5xx"),
+    ("CLAZAR_TIMEOUT_SECONDS", "20", "read timeout of one request"),
+    ("CLAZAR_BACKOFF_SECONDS", "1", "backoff factor: waits 0, 2x, 4x, 8x ... this"),
+    ("CLAZAR_RETRY_AFTER_MAX_SECONDS", "60", "longest Retry-After honoured"),
+    ("STATE_FILE_PATH", "./metering_state.json", "state document: a path or s3://bucket/key"),
+    ("STATE_LOCK_TTL_SECONDS", "900", "lease of an S3 state lock; renewed while running"),
+    ("MAX_HOURS_PER_RUN", "24", "hours per service per run"),
+    ("START_HOUR", "current hour - 24 h", "first hour of a service with no state"),
+    ("EXPORT_MARKER_LAG_MINUTES", "0", "extra wait after the marker declares an hour final"),
+    ("DRY_RUN", "false", "true: read and print, send and save nothing"),
+    ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("OMNISTRATE_DIMENSIONS", ",".join(OMNISTRATE_DIMENSIONS), "names formulas may use"),
+    ("DIMENSION<n>_NAME", "(unset)", "billing dimension n sent to Clazar"),
+    ("DIMENSION<n>_FORMULA", "(unset)", "its formula over Omnistrate dimensions"),
+)
+
+
+@dataclass(frozen=True)
+class ServiceKey:
+    """One exported plan: the marker's key and the export's folder."""
+
+    service: str
+    environment: str
+    plan: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.service}:{self.environment}:{self.plan}"
+
+    @property
+    def label(self) -> str:
+        return f"{self.service}/{self.environment}/{self.plan}"
+
+
+@dataclass(frozen=True)
+class Config:
+    """Every setting of one run, validated. Built only by ``load_config``."""
+
+    bucket: str
+    services: tuple[ServiceKey, ...]
+    client_id: str = field(repr=False)
+    client_secret: str = field(repr=False)
+    cloud: str
+    api_url: str
+    auth_url: str
+    batch_size: int
+    max_retries: int
+    timeout_seconds: float
+    backoff_seconds: float
+    retry_after_max_seconds: float
+    state_path: str
+    lock_ttl_seconds: int
+    max_hours_per_run: int
+    start_hour: datetime | None
+    marker_lag: timedelta
+    dry_run: bool
+    log_level: str
+    source_dimensions: tuple[str, ...]
+    formulas: tuple[Formula, ...]
+
+
+class _Environment:
+    """Typed access to environment variables; every failure names the variable."""
+
+    def __init__(self, environ: Mapping[str, str]):
+        self.environ = environ
+
+    def text(self, name: str, default: str | None = None) -> str | None:
+        value = self.environ.get(name, "").strip()
+        return value if value else default
+
+    def required(self, name: str, why: str = "is required") -> str:
+        value = self.text(name)
+        if value is None:
+            raise ConfigError(name, f"{why} (it is unset or empty)")
+        return value
+
+    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ConfigError(name, f"must be a whole number, got {raw!r}") from None
+        if value < minimum or (maximum is not None and value > maximum):
+            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
+            raise ConfigError(name, f"must be {bound}, got {value}")
+        return value
+
+    def number(self, name: str, default: float, minimum: float) -> float:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        try:
+            value = float(raw)
+        except ValueError:
+            raise ConfigError(name, f"must be a number, got {raw!r}") from None
+        if not math.isfinite(value) or value < minimum:
+            raise ConfigError(name, f"must be a finite number of at least {minimum}, got {raw!r}")
+        return value
+
+    def flag(self, name: str, default: bool) -> bool:
+        raw = self.text(name)
+        if raw is None:
+            return default
+        lowered = raw.lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(name, f"must be true or false, got {raw!r}")
+
+    def choice(self, name: str, default: str, choices: Sequence[str], *, upper: bool = False) -> str:
+        raw = self.text(name, default)
+        value = raw.upper() if upper else raw.lower()
+        if value not in choices:
+            raise ConfigError(name, f"must be one of {', '.join(choices)}, got {raw!r}")
+        return value
+
+
+def parse_service_keys(text: str, variable: str = "SERVICES") -> tuple[ServiceKey, ...]:
+    """Parse ``service:environment:plan[,...]``.
+
+    The service name may contain spaces and colons (environment and plan never do),
+    so each item is split on its last two colons. Raises ConfigError on an item that
+    is not three non-empty parts, a part holding ``/``, or a repeated key.
+    """
+    keys: list[ServiceKey] = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        parts = [part.strip() for part in item.rsplit(":", 2)]
+        if len(parts) != 3 or not all(parts):
+            raise ConfigError(variable, f"{item.strip()!r} is not of the form service:environment:plan")
+        if any("/" in part for part in parts):
+            raise ConfigError(variable, f"{item.strip()!r}: a part contains '/', which cannot appear in an S3 folder name here")
+        key = ServiceKey(*parts)
+        if key in keys:
+            raise ConfigError(variable, f"{key.key!r} is listed twice")
+        keys.append(key)
+    if not keys:
+        raise ConfigError(variable, "lists no service")
+    return tuple(keys)
+
+
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        import ipaddress
+
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _check_url(variable: str, url: str, carries_credentials: bool) -> str:
+    parts = urlsplit(url)
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        raise ConfigError(variable, f"must be an http(s) URL with a host, got {url!r}")
+    if carries_credentials and parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ConfigError(
+            variable,
+            f"uses plain http:// to {parts.hostname}; credentials and tokens would travel unencrypted, use https://",
+        )
+    return url
+
+
+def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None) -> Config:
+    """Read every setting from ``environ``. Raises ConfigError naming the first bad variable.
+
+    ``dry_run`` from the command line overrides ``DRY_RUN``. A dry run needs no
+    Clazar credentials, and sends none.
+    """
+    env = _Environment(environ)
+    bucket = env.required("S3_BUCKET_NAME")
+
+    services_text = env.text("SERVICES")
+    if services_text is not None:
+        services = parse_service_keys(services_text)
+    else:
+        why = "is required when SERVICES is not set"
+        services = (
+            ServiceKey(env.required("SERVICE_NAME", why), env.required("ENVIRONMENT_TYPE", why), env.required("PLAN_ID", why)),
+        )
+        # Validate the three parts the same way SERVICES items are validated.
+        parse_service_keys(services[0].key, "SERVICE_NAME/ENVIRONMENT_TYPE/PLAN_ID")
+
+    is_dry_run = env.flag("DRY_RUN", False) if dry_run is None else dry_run
+    if is_dry_run:
+        client_id = env.text("CLAZAR_CLIENT_ID", "")
+        client_secret = env.text("CLAZAR_CLIENT_SECRET", "")
+    else:
+        client_id = env.required("CLAZAR_CLIENT_ID", "is required to send (or use --dry-run)")
+        client_secret = env.required("CLAZAR_CLIENT_SECRET", "is required to send (or use --dry-run)")
+
+    api_url = _check_url("CLAZAR_API_URL", env.text("CLAZAR_API_URL", DEFAULT_API_URL), not is_dry_run)
+    origin = urlsplit(api_url)
+    auth_url = env.text("CLAZAR_AUTH_URL", f"{origin.scheme}://{origin.netloc}/authenticate/")
+    auth_url = _check_url("CLAZAR_AUTH_URL", auth_url, not is_dry_run)
+
+    start_text = env.text("START_HOUR")
+    start_hour = None
+    if start_text is not None:
+        try:
+            start_hour = parse_utc(start_text)
+        except ValueError:
+            raise ConfigError("START_HOUR", f"must be a UTC hour like 2025-07-23T16:00:00Z, got {start_text!r}") from None
+        if start_hour != floor_hour(start_hour):
+            raise ConfigError("START_HOUR", f"must fall on a whole hour, got {start_text!r}")
+
+    source_dimensions = tuple(
+        name.strip() for name in env.text("OMNISTRATE_DIMENSIONS", ",".join(OMNISTRATE_DIMENSIONS)).split(",") if name.strip()
+    )
+    for name in source_dimensions:
+        if not name.isidentifier():
+            raise ConfigError("OMNISTRATE_DIMENSIONS", f"{name!r} is not a valid dimension name")
+
+    return Config(
+        bucket=bucket,
+        services=services,
+        client_id=client_id,
+        client_secret=client_secret,
+        cloud=env.choice("CLAZAR_CLOUD", "aws", CLOUDS),
+        api_url=api_url,
+        auth_url=auth_url,
+        batch_size=env.integer("CLAZAR_BATCH_SIZE", 25, 1, 1000),
+        max_retries=env.integer("CLAZAR_MAX_RETRIES", 5, 0, 20),
+        timeout_seconds=env.number("CLAZAR_TIMEOUT_SECONDS", 20.0, 0.1),
+        backoff_seconds=env.number("CLAZAR_BACKOFF_SECONDS", 1.0, 0.0),
+        retry_after_max_seconds=env.number("CLAZAR_RETRY_AFTER_MAX_SECONDS", 60.0, 0.0),
+        state_path=env.text("STATE_FILE_PATH", "./metering_state.json"),
+        lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 30),
+        max_hours_per_run=env.integer("MAX_HOURS_PER_RUN", 24, 1),
+        start_hour=start_hour,
+        marker_lag=timedelta(minutes=env.integer("EXPORT_MARKER_LAG_MINUTES", 0, 0, 24 * 60)),
+        dry_run=is_dry_run,
+        log_level=env.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+        source_dimensions=source_dimensions,
+        formulas=load_formulas(environ, source_dimensions),
+    )
+
+
+# ---------------------------------------------------------------------------
+# 2. Hours: which hours are due. Pure functions of the state, marker and clock.
+# ---------------------------------------------------------------------------
+
+
+class MarkerError(MeteringError):
+    """The export marker cannot tell whether an hour is final."""
+
+
+HOUR = timedelta(hours=1)
+_TIME_PATTERN = re.compile(
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2})(?::(\d{2})(?::(\d{2})(?:\.\d+)?)?)?)?\s*(Z|[+-]\d{2}:?\d{2})?$",
+    re.IGNORECASE,
+)
+
+
+def parse_utc(text: str) -> datetime:
+    """Parse an ISO 8601 time into an aware UTC datetime; a time with no offset is UTC.
+
+    Fractions of a second are dropped. Raises ValueError on anything else.
+    """
+    match = _TIME_PATTERN.match(text.strip()) if isinstance(text, str) else None
+    if not match:
+        raise ValueError(f"not an ISO 8601 time: {text!r}")
+    year, month, day, hour, minute, second, offset = match.groups()
+    moment = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0))
+    if offset and offset.upper() != "Z":
+        sign = 1 if offset[0] == "+" else -1
+        digits = offset[1:].replace(":", "")
+        moment -= sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    return moment.replace(tzinfo=timezone.utc)
+
+
+def format_time(moment: datetime) -> str:
+    """The wire and state format of a time: ``YYYY-MM-DDTHH:MM:SSZ``, in UTC."""
+    return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def display_hour(hour: datetime) -> str:
+    """The log format of an hour, as the original script printed it."""
+    return hour.astimezone(timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def floor_hour(moment: datetime) -> datetime:
+    return moment.astimezone(timezone.utc).replace(minute=0, second=0, microsecond=0)
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+@dataclass(frozen=True)
+class ExportMarker:
+    """Omnistrate's ``last_success_export.json``: per service key, the end of final data."""
+
+    processed_to: Mapping[str, datetime]
+    updated_at: Mapping[str, datetime]
+
+    @classmethod
+    def parse(cls, body: bytes, where: str) -> ExportMarker:
+        """Parse the marker. Raises MarkerError naming ``where`` if it is not the documented shape."""
+        try:
+            document = json.loads(body.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as error:
+            raise MarkerError(f"export marker {where} is not valid JSON: {error}") from None
+        if not isinstance(document, dict):
+            raise MarkerError(f"export marker {where} is not a JSON object")
+        processed_to, updated_at = {}, {}
+        for key, entry in document.items():
+            if not isinstance(entry, dict) or "last_processed_to" not in entry:
+                raise MarkerError(f"export marker {where}: entry {key!r} has no last_processed_to")
+            try:
+                processed_to[key] = parse_utc(entry["last_processed_to"])
+                if entry.get("last_updated_at"):
+                    updated_at[key] = parse_utc(entry["last_updated_at"])
+            except ValueError as error:
+                raise MarkerError(f"export marker {where}: entry {key!r}: {error}") from None
+        return cls(processed_to, updated_at)
+
+    def final_before(self, service_key: str, lag: timedelta = timedelta(0)) -> datetime:
+        """The moment before which exported data of ``service_key`` is final.
+
+        ``last_processed_to`` is the inclusive end of exported data (it ends in :59),
+        so data is final strictly before it plus one second, less the configured lag.
+        Raises MarkerError naming the key and the keys present if it is missing: that
+        service must wait, not be treated as empty.
+        """
+        if service_key not in self.processed_to:
+            present = sorted(self.processed_to)
+            shown = ", ".join(repr(key) for key in present[:20]) + (" ..." if len(present) > 20 else "")
+            raise MarkerError(
+                f"export marker has no entry for {service_key!r}; it holds {len(present)} key(s): {shown or 'none'}"
+            )
+        return self.processed_to[service_key] + timedelta(seconds=1) - lag
+
+
+def first_due_hour(last_processed_hour: datetime | None, start_hour: datetime | None, now: datetime) -> datetime:
+    """The next hour to process: after the last processed one, else START_HOUR, else a day ago."""
+    if last_processed_hour is not None:
+        return last_processed_hour + HOUR
+    if start_hour is not None:
+        return start_hour
+    return floor_hour(now) - 24 * HOUR
+
+
+def due_end(now: datetime, final_before: datetime | None) -> datetime:
+    """The first hour that is not yet due: hour H is due when H+1h <= now and H+1h <= final_before."""
+    end = floor_hour(now)
+    if final_before is not None:
+        end = min(end, floor_hour(final_before - HOUR) + HOUR)
+    return end
+
+
+def due_hours(first: datetime, now: datetime, final_before: datetime | None, limit: int) -> list[datetime]:
+    """The hours to process this run, oldest first, at most ``limit``."""
+    count = hours_between(first, due_end(now, final_before))
+    return [first + i * HOUR for i in range(min(count, limit))]
+
+
+def hours_between(first: datetime, end: datetime) -> int:
+    """How many whole hours lie in [first, end); 0 when end is not after first."""
+    return max(0, int((end - first) // HOUR))
+
+
+# ---------------------------------------------------------------------------
+# 3. Source: listing and reading an hour's export files in S3.
+# ---------------------------------------------------------------------------
+
+
+class SourceError(MeteringError):
+    """An export object could not be listed or read."""
+
+
+EXPORT_ROOT = "omnistrate-metering/"
+MARKER_KEY = EXPORT_ROOT + "last_success_export.json"
+
+
+def hour_prefix(service: ServiceKey, hour: datetime) -> str:
+    """The folder of one hour; ends in '/' so hour 1 never matches hour 10."""
+    return f"{EXPORT_ROOT}{service.service}/{service.environment}/{service.plan}/{hour:%Y/%m/%d/%H}/"
+
+
+def _error_code(error: Exception) -> str:
+    response = getattr(error, "response", None) or {}
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+class ExportSource:
+    """Reads the Omnistrate export of one bucket. The only code that touches it."""
+
+    def __init__(self, client: Any, bucket: str, workers: int = 16):
+        self.client = client
+        self.bucket = bucket
+        self.workers = workers
+
+    def read_marker(self) -> ExportMarker | None:
+        """The completion marker, or None if the bucket has none.
+
+        Raises MarkerError if it exists but cannot be read or parsed: a denied or
+        broken marker must stop the service, never count as absent.
+        """
+        where = f"s3://{self.bucket}/{MARKER_KEY}"
+        try:
+            body = self.client.get_object(Bucket=self.bucket, Key=MARKER_KEY)["Body"].read()
+        except Exception as error:
+            if _error_code(error) in ("NoSuchKey", "404"):
+                return None
+            raise MarkerError(f"cannot read export marker {where}: {error}") from None
+        return ExportMarker.parse(body, where)
+
+    def list_hour(self, prefix: str) -> tuple[list[str], list[str]]:
+        """All keys under ``prefix``, paginated: (export files, other keys that are ignored)."""
+        files, ignored = [], []
+        try:
+            paginator = self.client.get_paginator("list_objects_v2")
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
+                for item in page.get("Contents", ()):
+                    key = item["Key"]
+                    name = key[len(prefix):]
+                    (files if name.endswith(".json") and "/" not in name else ignored).append(key)
+        except Exception as error:
+            raise SourceError(f"cannot list s3://{self.bucket}/{prefix}: {error}") from None
+        return files, ignored
+
+    def read(self, key: str) -> bytes:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+        except Exception as error:
+            raise SourceError(f"cannot read s3://{self.bucket}/{key}: {error}") from None
+
+    def read_all(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes]]:
+        """Yield (key, body) for every key, read concurrently, in completion order.
+
+        At most twice the pool size of bodies are in flight or waiting, so memory
+        stays bounded however many files an hour holds. The first failure is raised
+        and the reads still queued are cancelled.
+        """
+        window = max(1, 2 * self.workers)
+        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="s3-read") as pool:
+            pending: set[concurrent.futures.Future] = set()
+            remaining = iter(keys)
+            try:
+                for key in remaining:
+                    pending.add(pool.submit(lambda k=key: (k, self.read(k))))
+                    if len(pending) >= window:
+                        done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                        for future in done:
+                            yield future.result()
+                for future in concurrent.futures.as_completed(pending):
+                    yield future.result()
+            finally:
+                for future in pending:
+                    future.cancel()
+
+
+# ---------------------------------------------------------------------------
+# 4. Aggregation, formulas and the carried remainders: pure, exact arithmetic.
+# ---------------------------------------------------------------------------
+
+
+class ExportFileError(MeteringError):
+    """An export file is not what Omnistrate documents. The message names its S3 key."""
+
+
+class FormulaError(MeteringError):
+    """A dimension formula cannot be computed for a contract and hour."""
+
+
+# Omnistrate's own query casts value to BIGINT; anything larger is corrupt data.
+MAX_VALUE = 2**63 - 1
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _exact_number(value: Any) -> Fraction | None:
+    """The exact value of a JSON number (floats arrive as Decimal), or None if not a number."""
+    if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
+        return None
+    if isinstance(value, Decimal) and not value.is_finite():
+        return None
+    return Fraction(value)
+
+
+def _identity_part(value: Any) -> Any:
+    return value if value is None or isinstance(value, (str, int)) else json.dumps(value, sort_keys=True, default=str)
+
+
+@dataclass
+class FileUsage:
+    """What one export file contributes to its hour, reduced to what billing needs."""
+
+    rows: list[tuple[tuple, str, str, Fraction, Fraction]]
+    records: int = 0
+    unattributable: int = 0
+    unattributed_subscriptions: set[str] = field(default_factory=set)
+    fractional: int = 0
+
+
+def parse_export_file(key: str, body: bytes, *, with_prices: bool = False) -> FileUsage:
+    """Validate one export file and reduce it to billable rows.
+
+    Each row is (identity, contract, dimension, value, price total) where identity
+    is (subscriptionId, instanceId, podName, hostName, dimension) for de-duplication.
+    Records with no externalPayerId or dimension are counted as unattributable.
+
+    Raises ExportFileError naming ``key`` if the body is not a UTF-8 JSON array of
+    objects, or a record's value is missing or not a finite non-negative number no
+    larger than a 64-bit integer (or, ``with_prices``, its pricePerUnit is invalid).
+    """
+    if body[:2] == b"\x1f\x8b":
+        raise ExportFileError(f"{key}: gzip-compressed bytes, expected plain UTF-8 JSON")
+    try:
+        records = json.loads(body.decode("utf-8"), parse_float=Decimal, parse_constant=_reject_constant)
+    except UnicodeDecodeError as error:
+        raise ExportFileError(f"{key}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+    except ValueError as error:
+        raise ExportFileError(f"{key}: not valid JSON ({error})") from None
+    if not isinstance(records, list):
+        raise ExportFileError(f"{key}: expected a JSON array of records, found a JSON {type(records).__name__}")
+    usage = FileUsage(rows=[], records=len(records))
+    for index, record in enumerate(records):
+        where = f"{key}: record {index}"
+        if not isinstance(record, dict):
+            raise ExportFileError(f"{where} is a JSON {type(record).__name__}, not an object")
+        value = _exact_number(record.get("value"))
+        if "value" not in record:
+            raise ExportFileError(f"{where} has no value")
+        if value is None or value < 0 or value > MAX_VALUE:
+            shown = json.dumps(record.get("value"), default=str)[:40]
+            raise ExportFileError(f"{where}: value {shown} is not a finite non-negative number within 64 bits")
+        price = Fraction(0)
+        if with_prices and record.get("pricePerUnit") is not None:
+            unit_price = _exact_number(record["pricePerUnit"])
+            if unit_price is None or unit_price < 0:
+                shown = json.dumps(record["pricePerUnit"], default=str)[:40]
+                raise ExportFileError(f"{where}: pricePerUnit {shown} is not a finite non-negative number")
+            price = value * unit_price
+        contract = record.get("externalPayerId")
+        dimension = record.get("dimension")
+        for name, text in (("externalPayerId", contract), ("dimension", dimension)):
+            if text is not None and not isinstance(text, str):
+                raise ExportFileError(f"{where}: {name} is a JSON {type(text).__name__}, not a string")
+        if value.denominator != 1:
+            usage.fractional += 1
+        contract = (contract or "").strip()
+        dimension = (dimension or "").strip()
+        if not contract or not dimension:
+            usage.unattributable += 1
+            usage.unattributed_subscriptions.add(str(record.get("subscriptionId") or key.rsplit("/", 1)[-1]))
+            continue
+        identity = tuple(_identity_part(record.get(name)) for name in ("subscriptionId", "instanceId", "podName", "hostName"))
+        usage.rows.append((identity + (dimension,), contract, dimension, value, price))
+    return usage
+
+
+@dataclass
+class HourUsage:
+    """The usage of one service for one hour, folded in file by file.
+
+    A row repeated for the same subscription, instance, pod, host and dimension
+    counts once, at its largest value, as Omnistrate's reference query does.
+    """
+
+    hour: datetime
+    files: int = 0
+    records: int = 0
+    unattributable: int = 0
+    unattributed_subscriptions: set[str] = field(default_factory=set)
+    repeated: int = 0
+    fractional: int = 0
+    rows: dict[tuple, tuple[str, str, Fraction, Fraction]] = field(default_factory=dict)
+
+    def add(self, usage: FileUsage) -> None:
+        self.files += 1
+        self.records += usage.records
+        self.unattributable += usage.unattributable
+        self.unattributed_subscriptions |= usage.unattributed_subscriptions
+        self.fractional += usage.fractional
+        for identity, contract, dimension, value, price in usage.rows:
+            seen = self.rows.get(identity)
+            if seen is not None:
+                self.repeated += 1
+                if seen[2] >= value:
+                    continue
+            self.rows[identity] = (contract, dimension, value, price)
+
+    def totals(self) -> dict[tuple[str, str], Fraction]:
+        """Exact usage per (contract, dimension)."""
+        totals: dict[tuple[str, str], Fraction] = {}
+        for contract, dimension, value, _ in self.rows.values():
+            totals[contract, dimension] = totals.get((contract, dimension), Fraction(0)) + value
+        return totals
+
+    def price_totals(self) -> dict[tuple[str, str], Fraction]:
+        """Exact sum of value x pricePerUnit per (contract, dimension)."""
+        totals: dict[tuple[str, str], Fraction] = {}
+        for contract, dimension, _, price in self.rows.values():
+            totals[contract, dimension] = totals.get((contract, dimension), Fraction(0)) + price
+        return totals
+
+
+# --- Formulas ---------------------------------------------------------------
+#
+# A formula is parsed once at start-up with Python's ``ast`` and checked node by
+# node against an allow-list; it is then evaluated by walking that tree with
+# Fractions. Nothing is ever compiled or executed, so a formula cannot run code.
+
+PRICE_SUFFIX = "_total_price"
+MAX_FORMULA_LENGTH = 1000
+MAX_EXPONENT = 64
+_BINARY = {
+    ast.Add: lambda a, b: a + b,
+    ast.Sub: lambda a, b: a - b,
+    ast.Mult: lambda a, b: a * b,
+    ast.Div: lambda a, b: Fraction(a) / b,
+    ast.FloorDiv: lambda a, b: Fraction(a // b),
+    ast.Mod: lambda a, b: Fraction(a) % b,
+    ast.Pow: lambda a, b: Fraction(a) ** b,
+}
+_FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int | None]] = {
+    # name: (function, fewest arguments, most arguments or None)
+    "min": (min, 2, None),
+    "max": (max, 2, None),
+    "abs": (abs, 1, 1),
+    "round": (round, 1, 2),
+}
+
+
+@dataclass(frozen=True)
+class Formula:
+    """One configured billing dimension: its name, its source text and its checked tree."""
+
+    variable: str
+    name: str
+    text: str
+    tree: ast.expr = field(repr=False, compare=False)
+
+    def evaluate(self, values: Mapping[str, Fraction]) -> Fraction:
+        """Evaluate with exact arithmetic. Raises FormulaError on division by zero."""
+        try:
+            return Fraction(_evaluate(self.tree, values))
+        except ZeroDivisionError:
+            raise FormulaError(f"{self.variable} ({self.name} = {self.text}) divides by zero") from None
+
+
+def _evaluate(node: ast.expr, values: Mapping[str, Fraction]) -> Any:
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        return values.get(node.id, Fraction(0))
+    if isinstance(node, ast.UnaryOp):
+        operand = _evaluate(node.operand, values)
+        return -operand if isinstance(node.op, ast.USub) else operand
+    if isinstance(node, ast.BinOp):
+        return _BINARY[type(node.op)](_evaluate(node.left, values), _evaluate(node.right, values))
+    function = _FUNCTIONS[node.func.id][0]  # the only node left after checking is a Call
+    return function(*(_evaluate(argument, values) for argument in node.args))
+
+
+def _exponent(node: ast.expr) -> int | None:
+    """The value of an integer literal, optionally negated; None for anything else."""
+    sign = 1
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        sign = -1 if isinstance(node.op, ast.USub) else 1
+        node = node.operand
+    if isinstance(node, ast.Constant) and type(node.value) is int:
+        return sign * node.value
+    return None
+
+
+def compile_formula(variable: str, name: str, text: str, names: frozenset[str]) -> Formula:
+    """Parse and check one formula. Raises ConfigError naming ``variable`` for anything
+    outside the grammar: numbers, the given names, + - * / // % **, parentheses,
+    unary minus, min, max, abs and round."""
+    if len(text) > MAX_FORMULA_LENGTH:
+        raise ConfigError(variable, f"is longer than {MAX_FORMULA_LENGTH} characters")
+    try:
+        tree = ast.parse(text.strip(), mode="eval").body
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
+        raise ConfigError(variable, f"is not a valid formula: {getattr(error, 'msg', error)}") from None
+
+    def check(node: ast.AST, depth: int = 0) -> ast.expr:
+        if depth > 50:
+            raise ConfigError(variable, "is nested too deeply")
+        if isinstance(node, ast.Constant):
+            if type(node.value) is int:
+                return node
+            if type(node.value) is float and math.isfinite(node.value):
+                # repr gives the shortest text that reads back as the literal: 0.01 -> 1/100 exactly
+                return ast.copy_location(ast.Constant(Fraction(repr(node.value))), node)
+            raise ConfigError(variable, f"may only contain numbers, not {node.value!r}")
+        if isinstance(node, ast.Name):
+            if node.id not in names:
+                raise ConfigError(variable, f"uses unknown name {node.id!r}; known: {', '.join(sorted(names))}")
+            return node
+        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+            node.operand = check(node.operand, depth + 1)
+            return node
+        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+            if isinstance(node.op, ast.Pow):
+                exponent = _exponent(node.right)
+                if exponent is None or abs(exponent) > MAX_EXPONENT:
+                    raise ConfigError(variable, f"** needs a whole-number literal exponent between -{MAX_EXPONENT} and {MAX_EXPONENT}")
+                if isinstance(node.left, ast.BinOp) and isinstance(node.left.op, ast.Pow):
+                    raise ConfigError(variable, "a power of a power is not allowed; write the exponent out")
+                node.right = ast.copy_location(ast.Constant(exponent), node.right)
+            else:
+                node.right = check(node.right, depth + 1)
+            node.left = check(node.left, depth + 1)
+            return node
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
+            _, fewest, most = _FUNCTIONS[node.func.id]
+            count = len(node.args)
+            if count < fewest or (most is not None and count > most) or any(isinstance(a, ast.Starred) for a in node.args):
+                raise ConfigError(variable, f"{node.func.id}() takes {fewest}{'' if most == fewest else ' or more' if most is None else f' to {most}'} argument(s)")
+            if node.func.id == "round" and count == 2 and _exponent(node.args[1]) is None:
+                raise ConfigError(variable, "round()'s second argument must be a whole-number literal")
+            node.args = [check(argument, depth + 1) for argument in node.args]
+            return node
+        raise ConfigError(variable, f"may not contain {type(node).__name__} ({ast.get_source_segment(text.strip(), node) or type(node).__name__})")
+
+    return Formula(variable, name, text.strip(), check(tree))
+
+
+_DIMENSION_VARIABLE = re.compile(r"^DIMENSION([1-9][0-9]*)_(NAME|FORMULA)$")
+_DIMENSION_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
+
+
+def load_formulas(environ: Mapping[str, str], source_dimensions: Sequence[str]) -> tuple[Formula, ...]:
+    """Read every DIMENSION<n>_NAME / DIMENSION<n>_FORMULA pair, in order of n.
+
+    Raises ConfigError for a name without a formula (or the reverse), a repeated or
+    malformed name, or a formula outside the grammar.
+    """
+    pairs: dict[int, dict[str, str]] = {}
+    for variable, value in environ.items():
+        match = _DIMENSION_VARIABLE.match(variable)
+        if match and value.strip():
+            pairs.setdefault(int(match.group(1)), {})[match.group(2)] = value.strip()
+    names = frozenset(source_dimensions) | {dimension + PRICE_SUFFIX for dimension in source_dimensions}
+    formulas: list[Formula] = []
+    for number in sorted(pairs):
+        pair = pairs[number]
+        for part, other in (("NAME", "FORMULA"), ("FORMULA", "NAME")):
+            if part not in pair:
+                raise ConfigError(f"DIMENSION{number}_{part}", f"is missing while DIMENSION{number}_{other} is set")
+        name = pair["NAME"]
+        if not _DIMENSION_NAME.match(name):
+            raise ConfigError(f"DIMENSION{number}_NAME", f"{name!r} must be 1-100 letters, digits or _ . : -")
+        if any(formula.name == name for formula in formulas):
+            raise ConfigError(f"DIMENSION{number}_NAME", f"{name!r} is already used by another DIMENSION<n>_NAME")
+        formulas.append(compile_formula(f"DIMENSION{number}_FORMULA", name, pair["FORMULA"], names))
+    return tuple(formulas)
+
+
+def billable_amounts(usage: HourUsage, formulas: Sequence[Formula]) -> dict[tuple[str, str], Fraction]:
+    """The exact amount to bill per (contract, dimension) for one hour.
+
+    With no formulas, the raw totals. With formulas, each formula per contract that
+    has usage this hour, over its summed dimensions and price totals (absent = 0).
+    Raises FormulaError on division by zero or a negative result.
+    """
+    totals = usage.totals()
+    if not formulas:
+        return totals
+    prices = usage.price_totals()
+    per_contract: dict[str, dict[str, Fraction]] = {}
+    for (contract, dimension), amount in totals.items():
+        names = per_contract.setdefault(contract, {})
+        names[dimension] = amount
+        names[dimension + PRICE_SUFFIX] = prices[contract, dimension]
+    amounts = {}
+    for contract in sorted(per_contract):
+        for formula in formulas:
+            value = formula.evaluate(per_contract[contract])
+            if value < 0:
+                raise FormulaError(
+                    f"{formula.variable} ({formula.name}) is negative ({value}) for contract {contract} "
+                    f"in hour {display_hour(usage.hour)}"
+                )
+            amounts[contract, formula.name] = value
+    return amounts
+
+
+def carry(
+    amounts: Mapping[tuple[str, str], Fraction], remainders: Mapping[tuple[str, str], Fraction]
+) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], Fraction]]:
+    """Whole units to bill now, and the fractions carried to the next hour.
+
+    quantity = floor(amount + carried remainder); the new remainder is what is left
+    (in [0, 1)). Over any run of hours the billed units are the whole part of the
+    true total: never more than used, never a full unit short.
+    Returns (quantities, remainder updates) for the keys of ``amounts`` only.
+    """
+    quantities, updates = {}, {}
+    for key, amount in amounts.items():
+        total = amount + remainders.get(key, Fraction(0))
+        whole = math.floor(total)
+        quantities[key] = whole
+        updates[key] = total - whole
+    return quantities, updates
+
+
+def metering_records(hour: datetime, cloud: str, quantities: Mapping[tuple[str, str], int]) -> list[dict[str, str]]:
+    """Clazar records for one hour, grouped by contract; zero quantities are not sent."""
+    start, end = format_time(hour), format_time(hour + HOUR)
+    return [
+        {"cloud": cloud, "contract_id": contract, "dimension": dimension, "start_time": start, "end_time": end, "quantity": str(quantity)}
+        for (contract, dimension), quantity in sorted(quantities.items())
+        if quantity > 0
+    ]
+
+
+# ---------------------------------------------------------------------------
+# 5. Clazar: authentication, batches, retries, per-record results.
+# ---------------------------------------------------------------------------
+
+
+class ClazarError(MeteringError):
+    """A batch could not be delivered; its outcome is unknown and it must be resent."""
+
+
+class ClazarAuthError(ClazarError):
+    """Clazar refused the credentials."""
+
+
+DELIVERED = "delivered"
+ALREADY_DELIVERED = "already delivered"
+REJECTED = "rejected"
+
+# Clazar's answer to a second record for a contract, dimension and hour. The record
+# is already there, so it counts as delivered.
+_DUPLICATE_MARKERS = (("same contract_id", "same hour"), ("already exists",))
+
+
+@dataclass(frozen=True)
+class RecordResult:
+    outcome: str
+    record_id: str | None = None
+    answer: Any = None
+
+
+def _answer_texts(entry: Mapping[str, Any]) -> list[str]:
+    texts = []
+    errors = entry.get("errors")
+    for error in errors if isinstance(errors, list) else [errors] if errors else []:
+        texts.append(str(error.get("message", error)) if isinstance(error, dict) else str(error))
+    texts += [str(entry[name]) for name in ("message", "code") if entry.get(name)]
+    return texts
+
+
+def classify_result(record: Mapping[str, str], entry: Any) -> RecordResult:
+    """What Clazar's result entry says about one record it was sent.
+
+    Raises ClazarError if the entry does not echo the record (the pairing by
+    position cannot be trusted, so the batch must be resent).
+    """
+    if not isinstance(entry, dict):
+        raise ClazarError(f"result entry is a JSON {type(entry).__name__}, not an object")
+    for name in ("contract_id", "dimension"):
+        if entry.get(name) not in (None, record[name]):
+            raise ClazarError(f"result entry echoes {name} {entry.get(name)!r} for a record with {record[name]!r}")
+    if entry.get("status") == "success":
+        return RecordResult(DELIVERED, entry.get("id"))
+    text = " ".join(_answer_texts(entry)).lower()
+    if any(all(marker in text for marker in markers) for markers in _DUPLICATE_MARKERS):
+        return RecordResult(ALREADY_DELIVERED, entry.get("id"), {"status": entry.get("status"), "errors": entry.get("errors")})
+    answer = {name: entry[name] for name in ("status", "errors", "code", "message") if name in entry}
+    return RecordResult(REJECTED, entry.get("id"), answer)
+
+
+def read_results(records: Sequence[Mapping[str, str]], body: Any) -> list[RecordResult]:
+    """Pair a 200 response's ``results`` with the records sent, by position.
+
+    Raises ClazarError if there is no ``results`` list of the right length.
+    """
+    results = body.get("results") if isinstance(body, dict) else None
+    if not isinstance(results, list):
+        raise ClazarError("response has no results list")
+    if len(results) != len(records):
+        raise ClazarError(f"response has {len(results)} results for {len(records)} records")
+    return [classify_result(record, entry) for record, entry in zip(records, results)]
+
+
+def batches(records: Sequence[Any], size: int) -> list[Sequence[Any]]:
+    return [records[i : i + size] for i in range(0, len(records), size)]
+
+
+def _retry_policy(config: Config) -> Any:
+    """urllib3's Retry: connection errors, timeouts, 429 and 5xx, exponential backoff
+    with jitter, Retry-After honoured up to a cap. POST is included on purpose: a
+    record that landed before the answer was lost comes back as a duplicate."""
+    from urllib3.util.retry import Retry
+
+    class CappedRetry(Retry):
+        # A server asking for a longer wait than the cap must not stall the run.
+        def parse_retry_after(self, retry_after: str) -> float:
+            return min(super().parse_retry_after(retry_after), config.retry_after_max_seconds)
+
+    return CappedRetry(
+        total=config.max_retries,
+        connect=config.max_retries,
+        read=config.max_retries,
+        status=config.max_retries,
+        other=0,
+        redirect=0,
+        status_forcelist=(429, 500, 502, 503, 504),
+        allowed_methods=frozenset({"POST"}),
+        backoff_factor=config.backoff_seconds,
+        backoff_jitter=config.backoff_seconds,
+        respect_retry_after_header=True,
+        raise_on_status=False,
+        raise_on_redirect=False,
+    )
+
+
+class ClazarClient:
+    """Talks to Clazar over one keep-alive session. Tokens never reach the log."""
+
+    TOKEN_MARGIN = 300.0
+
+    def __init__(self, config: Config, session: Any = None, clock: Callable[[], float] = time.monotonic):
+        import requests
+        from requests.adapters import HTTPAdapter
+
+        self.config = config
+        self.clock = clock
+        self.session = session or requests.Session()
+        adapter = HTTPAdapter(max_retries=_retry_policy(config), pool_maxsize=8)
+        self.session.mount("https://", adapter)
+        self.session.mount("http://", adapter)
+        self._token: str | None = None
+        self._token_expires = 0.0
+        self._lock = threading.Lock()
+
+    def _post(self, url: str, payload: Any, token: str | None = None) -> Any:
+        import requests
+
+        headers = {"Content-Type": "application/json", "Accept": "application/json"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        try:
+            return self.session.post(
+                url,
+                data=json.dumps(payload),
+                headers=headers,
+                timeout=(min(10.0, self.config.timeout_seconds), self.config.timeout_seconds),
+                allow_redirects=False,
+            )
+        except requests.RequestException as error:
+            raise ClazarError(f"no answer from {url} after {self.config.max_retries} retries: {type(error).__name__}: {error}") from None
+
+    def token(self) -> str:
+        """A valid access token, authenticating when there is none or it is about to expire."""
+        with self._lock:
+            if self._token and self.clock() < self._token_expires:
+                return self._token
+            response = self._post(
+                self.config.auth_url,
+                {"client_id": self.config.client_id, "client_secret": self.config.client_secret},
+            )
+            if response.status_code != 200:
+                raise ClazarAuthError(
+                    f"Clazar refused authentication at {self.config.auth_url}: HTTP {response.status_code}; "
+                    "check CLAZAR_CLIENT_ID and CLAZAR_CLIENT_SECRET"
+                )
+            try:
+                body = response.json()
+                token = body["access_token"]
+                lifetime = float(body.get("expires_in") or 3600)
+                if not isinstance(token, str) or not token:
+                    raise ValueError("empty access_token")
+            except (ValueError, KeyError, TypeError) as error:
+                raise ClazarAuthError(f"Clazar's authentication answer has no usable access_token ({type(error).__name__})") from None
+            redact(token)
+            self._token = token
+            # Refresh early: a token must not expire between the check and the request.
+            self._token_expires = self.clock() + max(0.0, lifetime - min(self.TOKEN_MARGIN, lifetime / 10))
+            log.debug("Authenticated with Clazar; token valid for %.0f s", lifetime)
+            return token
+
+    def forget_token(self, token: str) -> None:
+        with self._lock:
+            if self._token == token:
+                self._token = None
+
+    def submit(self, records: Sequence[Mapping[str, str]]) -> list[RecordResult]:
+        """Send one batch and read Clazar's verdict on each record.
+
+        On a 401 the token is renewed once and the batch repeated. Raises ClazarError
+        if the batch's fate is unknown (no answer after retries, a non-200 status, a
+        response without a usable results list); resending it later is safe.
+        """
+        token = self.token()
+        response = self._post(self.config.api_url, {"request": list(records)}, token)
+        if response.status_code == 401:
+            log.info("Clazar answered 401; authenticating again")
+            self.forget_token(token)
+            response = self._post(self.config.api_url, {"request": list(records)}, self.token())
+        if response.status_code != 200:
+            body = response.text[:300].replace("\n", " ")
+            raise ClazarError(f"Clazar answered HTTP {response.status_code} to {len(records)} records: {body}")
+        try:
+            body = response.json()
+        except ValueError:
+            raise ClazarError("Clazar answered 200 with a body that is not JSON") from None
+        return read_results(records, body)
+
+
+# ---------------------------------------------------------------------------
+# 6. State: the durable document, its lock, atomic writes.
+# ---------------------------------------------------------------------------
+
+
+class StateError(MeteringError):
+    """The state cannot be read, is corrupt, or could not be written safely."""
+
+    exit_code = EXIT_STATE
+
+
+class LockHeld(MeteringError):
+    """Another run holds the lock on this state."""
+
+    exit_code = EXIT_LOCKED
+
+
+def _fraction_text(value: Fraction) -> str:
+    return str(value)
+
+
+@dataclass(frozen=True)
+class PendingHour:
+    """An hour whose records are about to be, or are being, sent.
+
+    Written to the state before the first request; a run that finds it resends
+    exactly these records and then commits it, so a crash can neither lose the
+    hour nor let it be recomputed into different records.
+    """
+
+    hour: datetime
+    records: tuple[Mapping[str, str], ...]
+    remainders: Mapping[tuple[str, str], Fraction]
+    unattributable: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "hour": format_time(self.hour),
+            "records": [dict(record) for record in self.records],
+            "remainders": _remainders_to_json(self.remainders),
+            "unattributable": self.unattributable,
+        }
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> PendingHour:
+        if not isinstance(data, dict):
+            raise StateError(f"{where}: pending_hour is not an object")
+        try:
+            hour = parse_utc(data["hour"])
+            records = tuple(data["records"])
+            for record in records:
+                if not isinstance(record, dict) or not {"contract_id", "dimension", "quantity"} <= set(record):
+                    raise ValueError(f"malformed record {record!r}")
+                if not str(record["quantity"]).isdigit():
+                    raise ValueError(f"malformed quantity {record['quantity']!r}")
+            unattributable = int(data.get("unattributable", 0))
+        except (KeyError, TypeError, ValueError) as error:
+            raise StateError(f"{where}: pending_hour is malformed ({error})") from None
+        return cls(hour, records, _remainders_from_json(data.get("remainders", {}), where), unattributable)
+
+
+def _remainders_to_json(remainders: Mapping[tuple[str, str], Fraction]) -> dict[str, dict[str, str]]:
+    document: dict[str, dict[str, str]] = {}
+    for (contract, dimension), value in sorted(remainders.items()):
+        document.setdefault(contract, {})[dimension] = _fraction_text(value)
+    return document
+
+
+def _remainders_from_json(document: Any, where: str) -> dict[tuple[str, str], Fraction]:
+    if not isinstance(document, dict):
+        raise StateError(f"{where}: remainders is not an object")
+    remainders = {}
+    for contract, dimensions in document.items():
+        if not isinstance(dimensions, dict):
+            raise StateError(f"{where}: remainders of {contract!r} is not an object")
+        for dimension, text in dimensions.items():
+            try:
+                value = Fraction(str(text))
+            except (ValueError, ZeroDivisionError):
+                raise StateError(f"{where}: remainder {contract}/{dimension} is not a fraction: {text!r}") from None
+            if not 0 <= value < 1:
+                raise StateError(f"{where}: remainder {contract}/{dimension} = {text} is outside [0, 1)")
+            remainders[contract, dimension] = value
+    return remainders
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    """What the state remembers of one service key. Pure: each change returns a new one."""
+
+    last_processed_hour: datetime | None = None
+    remainders: Mapping[tuple[str, str], Fraction] = field(default_factory=dict)
+    pending: PendingHour | None = None
+    rejected: tuple[Mapping[str, Any], ...] = ()
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    KNOWN = ("last_processed_hour", "remainders", "pending_hour", "rejected")
+
+    @classmethod
+    def from_json(cls, entry: Any, where: str) -> ServiceState:
+        """Read one entry of the state document. Raises StateError naming what is wrong."""
+        if not isinstance(entry, dict):
+            raise StateError(f"{where} is not an object")
+        last = entry.get("last_processed_hour")
+        if last is not None:
+            try:
+                last = parse_utc(last)
+            except ValueError:
+                raise StateError(f"{where}: last_processed_hour {last!r} is not a UTC hour") from None
+            if last != floor_hour(last):
+                raise StateError(f"{where}: last_processed_hour {format_time(last)} is not a whole hour")
+        pending = entry.get("pending_hour")
+        rejected = entry.get("rejected", [])
+        if not isinstance(rejected, list):
+            raise StateError(f"{where}: rejected is not a list")
+        return cls(
+            last_processed_hour=last,
+            remainders=_remainders_from_json(entry.get("remainders", {}), where),
+            pending=PendingHour.from_json(pending, where) if pending is not None else None,
+            rejected=tuple(rejected),
+            extra={name: value for name, value in entry.items() if name not in cls.KNOWN},
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        entry = dict(self.extra)
+        if self.last_processed_hour is not None:
+            entry["last_processed_hour"] = format_time(self.last_processed_hour)
+        entry["remainders"] = _remainders_to_json({k: v for k, v in self.remainders.items() if v})
+        if self.pending is not None:
+            entry["pending_hour"] = self.pending.to_json()
+        entry["rejected"] = [dict(item) for item in self.rejected]
+        return entry
+
+    def with_pending(self, pending: PendingHour) -> ServiceState:
+        return dataclasses.replace(self, pending=pending)
+
+    def committed(self, pending: PendingHour, rejected: Iterable[Mapping[str, Any]] = ()) -> ServiceState:
+        """The state once ``pending`` is done: its hour processed, its remainders kept."""
+        return dataclasses.replace(
+            self,
+            last_processed_hour=pending.hour,
+            remainders={**self.remainders, **pending.remainders},
+            pending=None,
+            rejected=self.rejected + tuple(rejected),
+        )
+
+    def with_extra(self, **values: Any) -> ServiceState:
+        return dataclasses.replace(self, extra={**self.extra, **values})
+
+
+def parse_state(body: bytes, where: str) -> dict[str, Any]:
+    """Parse a state document: a JSON object keyed by service key. Raises StateError."""
+    try:
+        document = json.loads(body.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as error:
+        raise StateError(f"state {where} is not valid JSON ({error}); it was left untouched, fix or restore it") from None
+    if not isinstance(document, dict):
+        raise StateError(f"state {where} is not a JSON object; it was left untouched, fix or restore it")
+    for key, entry in document.items():
+        ServiceState.from_json(entry, f"state {where}, entry {key!r}")
+    return document
+
+
+def dump_state(document: Mapping[str, Any]) -> bytes:
+    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+
+
+def _write_lock_owner(handle: io.TextIOBase) -> None:
+    handle.seek(0)
+    handle.truncate()
+    handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "since": format_time(utc_now())}))
+    handle.flush()
+
+
+class LocalStateStore:
+    """The state document in a local file, written atomically, locked with flock.
+
+    The lock is an advisory flock on ``<path>.lock``: the kernel drops it when the
+    process dies, so a crashed run never leaves a stale lock behind.
+    """
+
+    def __init__(self, path: str):
+        self.path = os.path.abspath(path)
+        self.display = path
+        self._lock_handle: Any = None
+
+    def acquire(self) -> None:
+        """Take the lock or raise LockHeld naming its holder."""
+        lock_path = self.path + ".lock"
+        try:
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        except OSError as error:
+            raise StateError(f"cannot open lock file {lock_path}: {error.strerror}") from None
+        handle = os.fdopen(descriptor, "r+")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as error:
+            if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                raise
+            holder = handle.read().strip() or "unknown"
+            handle.close()
+            raise LockHeld(f"another run holds the lock {lock_path} ({holder}); this run did nothing") from None
+        _write_lock_owner(handle)
+        self._lock_handle = handle
+
+    def release(self) -> None:
+        if self._lock_handle is not None:
+            # The file stays: removing it would let a third run lock a new inode
+            # while the second still holds the old one.
+            self._lock_handle.close()
+            self._lock_handle = None
+
+    def load(self) -> dict[str, Any]:
+        """The document, or {} if there is no state file yet. Raises StateError."""
+        try:
+            with open(self.path, "rb") as handle:
+                body = handle.read()
+        except FileNotFoundError:
+            return {}
+        except OSError as error:
+            raise StateError(f"cannot read state {self.display}: {error.strerror}") from None
+        return parse_state(body, self.display)
+
+    def save(self, document: Mapping[str, Any]) -> None:
+        """Replace the document atomically: temporary file, fsync, rename, fsync of the folder."""
+        folder = os.path.dirname(self.path)
+        try:
+            # mkstemp creates the file with mode 0600: the state never exists readable by others.
+            descriptor, temporary = tempfile.mkstemp(prefix=".metering_state.", suffix=".tmp", dir=folder)
+            try:
+                with os.fdopen(descriptor, "wb") as handle:
+                    handle.write(dump_state(document))
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, self.path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+            folder_descriptor = os.open(folder, os.O_RDONLY)
+            try:
+                os.fsync(folder_descriptor)
+            finally:
+                os.close(folder_descriptor)
+        except OSError as error:
+            raise StateError(f"cannot write state {self.display}: {error.strerror or error}") from None
+
+
+class StateBook:
+    """The state document of one run; every change goes through here and is saved at once."""
+
+    def __init__(self, store: Any):
+        self.store = store
+        self.document = store.load()
+
+    def service(self, key: str) -> ServiceState:
+        return ServiceState.from_json(self.document.get(key, {}), f"state entry {key!r}")
+
+    def save(self, key: str, state: ServiceState) -> None:
+        document = dict(self.document)
+        document[key] = state.to_json()
+        self.store.save(document)
+        self.document = document
+
+
+# ---------------------------------------------------------------------------
+# 7. The run: for each service and due hour, read, aggregate, record the
+#    pending hour, send, commit.
+# ---------------------------------------------------------------------------
+
+
+class _Redactor(logging.Filter):
+    """Masks secrets and e-mail addresses in every log line, whoever logged it."""
+
+    EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.secrets: set[str] = set()
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        for secret in self.secrets:
+            message = message.replace(secret, "[redacted]")
+        record.msg, record.args = self.EMAIL.sub("[email]", message), None
+        if record.exc_info and not record.exc_text:
+            record.exc_text = self.EMAIL.sub("[email]", logging.Formatter().formatException(record.exc_info))
+            for secret in self.secrets:
+                record.exc_text = record.exc_text.replace(secret, "[redacted]")
+        return True
+
+
+_REDACTOR = _Redactor()
+
+
+def redact(secret: str | None) -> None:
+    """Never let ``secret`` appear in a log line from now on."""
+    if secret and len(secret) >= 4:
+        _REDACTOR.secrets.add(secret)
+
+
+LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
+
+
+def configure_logging(level: str, stream: Any = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stdout)
+    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_REDACTOR)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    # Only the exporter's own messages follow LOG_LEVEL: botocore at DEBUG logs
+    # whole response bodies, and export files carry customer e-mail addresses.
+    log.setLevel(level)
+
+
+@dataclass
+class ServiceReport:
+    """What one run did for one service, for the summary line and the exit code."""
+
+    service: ServiceKey
+    hours: int = 0
+    sent: int = 0
+    already_delivered: int = 0
+    rejected: int = 0
+    unattributable: int = 0
+    failure: str | None = None
+    last_processed_hour: datetime | None = None
+    behind: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.failure is None and self.rejected == 0
+
+
+class Exporter:
+    """One run over every configured service. The imperative shell around the pure parts."""
+
+    def __init__(self, config: Config, source: ExportSource, clazar: ClazarClient | None, book: StateBook,
+                 clock: Callable[[], datetime] = utc_now):
+        self.config = config
+        self.source = source
+        self.clazar = clazar
+        self.book = book
+        self.clock = clock
+
+    def run(self) -> list[ServiceReport]:
+        """Export every service; one service failing does not stop the others.
+
+        Raises StateError (the run must stop: nothing may be sent that cannot be
+        recorded) and LockHeld; every other failure is reported per service.
+        """
+        marker: ExportMarker | None = None
+        marker_error: MarkerError | None = None
+        try:
+            marker = self.source.read_marker()
+            if marker is None:
+                log.warning("No export marker at s3://%s/%s; processing every closed hour instead",
+                            self.config.bucket, MARKER_KEY)
+        except MarkerError as error:
+            marker_error = error
+        reports = []
+        for service in self.config.services:
+            report = ServiceReport(service)
+            try:
+                self.export_service(service, report, marker, marker_error)
+            except (StateError, LockHeld):
+                raise
+            except MeteringError as error:
+                report.failure = str(error)
+                log.error("%s: %s", service.label, error)
+            self._summarise(report)
+            reports.append(report)
+        return reports
+
+    def export_service(self, service: ServiceKey, report: ServiceReport,
+                       marker: ExportMarker | None, marker_error: MarkerError | None) -> None:
+        log.info("Starting processing for %s", service.label)
+        state = self.book.service(service.key)
+        if state.pending is not None:
+            log.warning("Resending pending hour %s of %s (%d records) left by an earlier run",
+                        display_hour(state.pending.hour), service.label, len(state.pending.records))
+            state = self._deliver(service, state, state.pending, report, replay=True)
+        report.last_processed_hour = state.last_processed_hour
+        if marker_error is not None:
+            raise marker_error
+        now = self.clock()
+        final_before = marker.final_before(service.key, self.config.marker_lag) if marker else None
+        first = first_due_hour(state.last_processed_hour, self.config.start_hour, now)
+        if state.last_processed_hour is None:
+            log.info("No previous processing found, starting from %s", display_hour(first))
+        hours = due_hours(first, now, final_before, self.config.max_hours_per_run)
+        report.behind = hours_between(first, due_end(now, final_before))
+        if not hours:
+            log.info("No hour of %s is due: the next, %s, is not final yet", service.label, display_hour(first))
+        for index, hour in enumerate(hours, 1):
+            log.info("Processing hour %d/%d: %s", index, len(hours), display_hour(hour))
+            state = self._export_hour(service, state, hour, report)
+            report.behind -= 1
+
+    def _read_hour(self, service: ServiceKey, hour: datetime) -> HourUsage:
+        prefix = hour_prefix(service, hour)
+        keys, ignored = self.source.list_hour(prefix)
+        log.info("Found %d subscription files in %s", len(keys), prefix)
+        if ignored:
+            log.warning("Ignored %d object(s) in %s that are not .json files, e.g. %s", len(ignored), prefix, ignored[0])
+        usage = HourUsage(hour)
+        with_prices = any(PRICE_SUFFIX in formula.text for formula in self.config.formulas)
+        for key, body in self.source.read_all(keys):
+            usage.add(parse_export_file(key, body, with_prices=with_prices))
+        return usage
+
+    def _export_hour(self, service: ServiceKey, state: ServiceState, hour: datetime, report: ServiceReport) -> ServiceState:
+        usage = self._read_hour(service, hour)
+        amounts = billable_amounts(usage, self.config.formulas)
+        quantities, remainders = carry(amounts, state.remainders)
+        records = metering_records(hour, self.config.cloud, quantities)
+        log.info("Aggregated %d records into %d entries", usage.records, len(amounts))
+        if usage.repeated:
+            log.warning("Hour %s: %d repeated row(s) for the same pod and dimension counted once, at their largest value",
+                        display_hour(hour), usage.repeated)
+        if usage.fractional:
+            log.warning("Hour %s: %d record(s) have a fractional value; fractions are carried to later hours",
+                        display_hour(hour), usage.fractional)
+        if usage.unattributable:
+            subscriptions = sorted(usage.unattributed_subscriptions)
+            log.warning("Hour %s: %d record(s) from %d subscription(s) have no externalPayerId or dimension and are not sent: %s",
+                        display_hour(hour), usage.unattributable, len(subscriptions),
+                        ", ".join(subscriptions[:10]) + (" ..." if len(subscriptions) > 10 else ""))
+        pending = PendingHour(hour, tuple(records), remainders, usage.unattributable)
+        return self._deliver(service, state, pending, report)
+
+    def _deliver(self, service: ServiceKey, state: ServiceState, pending: PendingHour, report: ServiceReport,
+                 replay: bool = False) -> ServiceState:
+        """Send ``pending`` and commit it. The pending hour is saved before the first
+        request so that a crash anywhere after it resends exactly these records."""
+        records = list(pending.records)
+        report.unattributable += pending.unattributable
+        if self.config.dry_run:
+            log.info("Dry run: would send %d records for hour %s", len(records), display_hour(pending.hour))
+            for record in records:
+                log.info("Dry run record: %s", json.dumps(record, sort_keys=True))
+            report.hours += 1
+            return state.committed(pending)
+        if records and not replay:
+            state = state.with_pending(pending)
+            self.book.save(service.key, state)
+            log.debug("Recorded pending hour %s in %s", display_hour(pending.hour), self.book.store.display)
+        rejected = []
+        if records:
+            log.info("Sending %d metering records to Clazar", len(records))
+            for batch in batches(records, self.config.batch_size):
+                results = self.clazar.submit(batch)
+                for record, result in zip(batch, results):
+                    rejected += self._account(record, result, report, replay)
+            if not rejected:
+                log.info("Successfully sent data to Clazar")
+        state = state.committed(pending, rejected)
+        self.book.save(service.key, state)
+        log.info("Saved state to %s", self.book.store.display)
+        report.hours += 1
+        report.last_processed_hour = state.last_processed_hour
+        return state
+
+    def _account(self, record: Mapping[str, str], result: RecordResult, report: ServiceReport, replay: bool) -> list[dict]:
+        if result.outcome == DELIVERED:
+            report.sent += 1
+            return []
+        if result.outcome == ALREADY_DELIVERED:
+            report.already_delivered += 1
+            # On a resend this is the expected answer; on a first send it means
+            # something else delivered this record, which an operator should know.
+            (log.info if replay else log.warning)(
+                "Clazar already holds contract %s dimension %s hour %s; counted as delivered",
+                record["contract_id"], record["dimension"], record["start_time"])
+            return []
+        report.rejected += 1
+        log.error("Clazar rejected contract %s dimension %s hour %s quantity %s: %s",
+                  record["contract_id"], record["dimension"], record["start_time"], record["quantity"],
+                  json.dumps(result.answer, sort_keys=True, default=str))
+        return [{**record, "answer": result.answer, "rejected_at": format_time(self.clock())}]
+
+    def _summarise(self, report: ServiceReport) -> None:
+        last = display_hour(report.last_processed_hour) if report.last_processed_hour else "none"
+        behind = "unknown" if report.behind is None else str(report.behind)
+        line = (f"Finished {report.service.label}: {report.hours} hour(s) processed, {report.sent} record(s) sent, "
+                f"{report.already_delivered} already delivered, {report.rejected} rejected, "
+                f"{report.unattributable} unattributable; last processed hour {last}; {behind} hour(s) behind")
+        if report.failure:
+            log.error("%s; FAILED: %s", line, report.failure)
+        elif report.rejected:
+            log.error(line)
+        else:
+            log.info(line)
+
+
+# ---------------------------------------------------------------------------
+# 8. Command line.
+# ---------------------------------------------------------------------------
+
+
+def _help_epilog() -> str:
+    width = max(len(name) for name, _, _ in SETTINGS)
+    lines = ["environment variables (default in brackets):"]
+    lines += [f"  {name:<{width}}  {meaning} [{default}]" for name, default, meaning in SETTINGS]
+    lines += [
+        "",
+        "exit codes: 0 done, 1 an hour failed or a record was rejected, 2 configuration error,",
+        "            3 another run holds the lock, 4 the state could not be read or written",
+    ]
+    return "\n".join(lines)
+
+
+def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="metering_processor.py",
+        description="Export Omnistrate usage from S3 to Clazar, one final hour at a time.",
+        epilog=_help_epilog(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--dry-run", action="store_true", default=None,
+                        help="read and aggregate due hours and print the records; send and save nothing")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser.parse_args(argv)
+
+
+def s3_client(workers: int) -> Any:
+    """One boto3 S3 client with a connection pool as large as the read pool.
+    Endpoint, region and credentials follow boto3's own conventions."""
+    import boto3
+    from botocore.config import Config as BotoConfig
+
+    return boto3.session.Session().client(
+        "s3",
+        config=BotoConfig(
+            max_pool_connections=workers + 4,
+            connect_timeout=10,
+            read_timeout=60,
+            retries={"mode": "standard", "max_attempts": 4},
+        ),
+    )
+
+
+def open_state_store(config: Config) -> LocalStateStore:
+    return LocalStateStore(config.state_path)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    environ = os.environ if environ is None else environ
+    try:
+        config = load_config(environ, dry_run=arguments.dry_run)
+    except ConfigError as error:
+        print(f"metering_processor: configuration error: {error}", file=sys.stderr)
+        return EXIT_CONFIG
+    configure_logging(config.log_level)
+    redact(config.client_secret)
+    store = open_state_store(config)
+    try:
+        if not config.dry_run:
+            store.acquire()
+        try:
+            book = StateBook(store)
+            workers = 16
+            source = ExportSource(s3_client(workers), config.bucket, workers)
+            clazar = None if config.dry_run else ClazarClient(config)
+            reports = Exporter(config, source, clazar, book).run()
+        finally:
+            store.release()
+    except (StateError, LockHeld) as error:
+        log.error("%s", error)
+        return error.exit_code
+    return EXIT_OK if all(report.ok for report in reports) else EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,151 @@
+"""Fixtures: one SeaweedFS for the session, a fresh bucket, Clazar stand-in and state
+folder per test, and a harness that runs the real script as a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import pytest
+
+TESTS = Path(__file__).resolve().parent
+sys.path.insert(0, str(TESTS))
+sys.path.insert(0, str(TESTS.parent))
+
+import export_data  # noqa: E402
+from clazar_standin import ClazarStandIn  # noqa: E402
+from servers import ADMIN, SeaweedFS  # noqa: E402
+
+SCRIPT = TESTS.parent / "metering_processor.py"
+FAULTS = TESTS / "faults"
+SERVICE = ("Acme Vector DB", "PROD", "pt-Q7rT2bX9kL")
+CLIENT_SECRET = "standin-client-secret-0123456789"
+
+
+@pytest.fixture(scope="session")
+def seaweed(tmp_path_factory):
+    server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture(scope="session")
+def s3(seaweed):
+    return seaweed.client()
+
+
+@pytest.fixture
+def bucket(s3):
+    name = f"export-{uuid.uuid4().hex[:12]}"
+    s3.create_bucket(Bucket=name)
+    return name
+
+
+@pytest.fixture
+def clazar():
+    standin = ClazarStandIn(client_secret=CLIENT_SECRET).start()
+    yield standin
+    standin.stop()
+
+
+@dataclass
+class Result:
+    returncode: int
+    output: str
+
+    def lines(self, level: str | None = None) -> list[str]:
+        return [line for line in self.output.splitlines() if level is None or f" - {level} - " in line]
+
+
+class Harness:
+    """Runs metering_processor.py as cron would, against SeaweedFS and the stand-in."""
+
+    def __init__(self, s3, seaweed, bucket: str, clazar: ClazarStandIn, folder: Path):
+        self.s3 = s3
+        self.seaweed = seaweed
+        self.bucket = bucket
+        self.clazar = clazar
+        self.folder = folder
+        self.state_path = folder / "state" / "metering_state.json"
+        self.state_path.parent.mkdir(parents=True, exist_ok=True)
+        self.env = {
+            "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+            "HOME": str(folder),
+            "AWS_ACCESS_KEY_ID": ADMIN[0],
+            "AWS_SECRET_ACCESS_KEY": ADMIN[1],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL_S3": seaweed.endpoint,
+            "AWS_CONFIG_FILE": str(folder / "no-aws-config"),
+            "AWS_SHARED_CREDENTIALS_FILE": str(folder / "no-aws-credentials"),
+            "AWS_EC2_METADATA_DISABLED": "true",
+            "S3_BUCKET_NAME": bucket,
+            "SERVICE_NAME": SERVICE[0],
+            "ENVIRONMENT_TYPE": SERVICE[1],
+            "PLAN_ID": SERVICE[2],
+            "CLAZAR_CLIENT_ID": clazar.client_id,
+            "CLAZAR_CLIENT_SECRET": clazar.client_secret,
+            "CLAZAR_API_URL": clazar.metering_url,
+            "CLAZAR_BACKOFF_SECONDS": "0.01",
+            "CLAZAR_TIMEOUT_SECONDS": "5",
+            "STATE_FILE_PATH": str(self.state_path),
+            "PYTHONDONTWRITEBYTECODE": "1",
+        }
+
+    def command(self, *arguments: str) -> list[str]:
+        return [sys.executable, str(SCRIPT), *arguments]
+
+    def popen(self, *arguments: str, env: dict | None = None, faults: dict | None = None) -> subprocess.Popen:
+        environment = {**self.env, **(env or {})}
+        environment = {key: value for key, value in environment.items() if value is not None}
+        if faults:
+            environment["PYTHONPATH"] = str(FAULTS)
+            environment.update(faults)
+        return subprocess.Popen(self.command(*arguments), env=environment, cwd=self.folder,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    def run(self, *arguments: str, env: dict | None = None, faults: dict | None = None, timeout: float = 180) -> Result:
+        process = self.popen(*arguments, env=env, faults=faults)
+        output, _ = process.communicate(timeout=timeout)
+        return Result(process.returncode, output)
+
+    # --- data ----------------------------------------------------------------
+
+    def write_hour(self, hour: datetime, files: dict, service=SERVICE) -> list[str]:
+        return export_data.write_hour(self.s3, self.bucket, service, hour, files)
+
+    def write_marker(self, final_before: datetime, services=(SERVICE,)) -> None:
+        export_data.write_marker(self.s3, self.bucket, {export_data.service_key(s): final_before for s in services})
+
+    def state(self) -> dict:
+        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+
+    def entry(self, service=SERVICE) -> dict:
+        return self.state()[export_data.service_key(service)]
+
+
+@pytest.fixture
+def harness(s3, seaweed, bucket, clazar, tmp_path) -> Harness:
+    return Harness(s3, seaweed, bucket, clazar, tmp_path)
+
+
+@pytest.fixture
+def hours():
+    """A window of past hours, and a marker moment that makes the first ``n`` final."""
+    base = export_data.current_hour() - timedelta(hours=30)
+
+    class Hours:
+        start = base
+
+        def __getitem__(self, index: int) -> datetime:
+            return base + timedelta(hours=index)
+
+        def final(self, count: int) -> datetime:
+            return base + timedelta(hours=count)
+
+    return Hours()

@@ -1,0 +1,583 @@
+"""End to end: the real script, as a subprocess, against SeaweedFS and the Clazar stand-in."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import threading
+from datetime import timedelta
+
+import pytest
+from clazar_standin import call, no_results, reset_after_landing, revoke_tokens, short_results, status
+from conftest import CLIENT_SECRET, SERVICE
+from export_data import GIB, current_hour, iso, pod_records, record, service_key
+from servers import LISTER
+
+KEY = service_key(SERVICE)
+
+
+def cpu(hour, contract, subscription, value, **extra):
+    return record(SERVICE, hour, contract=contract, subscription=subscription, dimension="cpu_core_hours",
+                  value=value, **extra)
+
+
+def accepted(harness):
+    return harness.clazar.accepted_quantities()
+
+
+def expect(hour, *items):
+    """{(contract, dimension, start): quantity} from (contract, dimension, quantity) items."""
+    return {(contract, dimension, iso(hour)): quantity for contract, dimension, quantity in items}
+
+
+def assert_clean(harness):
+    assert harness.clazar.violations == []
+
+
+# --- aggregation ---------------------------------------------------------------
+
+
+def test_aggregates_files_pods_and_contracts_of_an_hour(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {
+        "sub-AAAAAAAAAA": pod_records(SERVICE, h, contract="c-1", subscription="sub-AAAAAAAAAA", pod="db-0")
+        + pod_records(SERVICE, h, contract="c-1", subscription="sub-AAAAAAAAAA", pod="db-1"),
+        "sub-BBBBBBBBBB": pod_records(SERVICE, h, contract="c-1", subscription="sub-BBBBBBBBBB", cpu=4),
+        "sub-CCCCCCCCCC": pod_records(SERVICE, h, contract="c-2", subscription="sub-CCCCCCCCCC", memory=8 * GIB),
+    })
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 0, result.output
+    assert accepted(harness) == expect(
+        h,
+        ("c-1", "cpu_core_hours", 2 + 2 + 4), ("c-1", "memory_byte_hours", 3 * 2 * GIB),
+        ("c-1", "storage_allocated_byte_hours", 3 * 10 * GIB), ("c-1", "replica_hours", 3),
+        ("c-2", "cpu_core_hours", 2), ("c-2", "memory_byte_hours", 8 * GIB),
+        ("c-2", "storage_allocated_byte_hours", 10 * GIB), ("c-2", "replica_hours", 1),
+    )
+    assert harness.entry()["last_processed_hour"] == iso(h)
+    assert "pending_hour" not in harness.entry()
+    for message in ("Starting processing for Acme Vector DB/PROD/pt-Q7rT2bX9kL",
+                    f"Processing hour 1/1: {h:%Y-%m-%d %H}:00:00",
+                    "Found 3 subscription files in omnistrate-metering/Acme Vector DB/PROD/pt-Q7rT2bX9kL/",
+                    "Aggregated 16 records into 8 entries", "Sending 8 metering records to Clazar",
+                    "Successfully sent data to Clazar", f"Saved state to {harness.state_path}",
+                    "Finished Acme Vector DB/PROD/pt-Q7rT2bX9kL: 1 hour(s) processed, 8 record(s) sent"):
+        assert message in result.output
+    assert_clean(harness)
+
+
+def test_payerless_rows_are_counted_not_sent_and_repeated_rows_count_once(harness, hours):
+    h = hours[0]
+    repeated = cpu(h, "c-1", "sub-RRRRRRRRRR", 4, pod="vectordb-2")
+    harness.write_hour(h, {
+        "sub-RRRRRRRRRR": [repeated, dict(repeated, timestamp=iso(h + timedelta(hours=1, minutes=17)))],
+        "sub-NNNNNNNNNN": [cpu(h, None, "sub-NNNNNNNNNN", 3), cpu(h, "", "sub-NNNNNNNNNN", 5, pod="db-1")],
+        "sub-DDDDDDDDDD": [dict(cpu(h, "c-2", "sub-DDDDDDDDDD", 7), dimension="")],
+    })
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 0, result.output
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 4))
+    assert "1 repeated row(s)" in result.output
+    assert "3 record(s) from 2 subscription(s) have no externalPayerId or dimension" in result.output
+    assert "sub-DDDDDDDDDD, sub-NNNNNNNNNN" in result.output
+    assert "3 unattributable" in result.output
+
+
+def test_zero_totals_are_not_sent(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-ZZZZZZZZZZ": [cpu(h, "c-zero", "sub-ZZZZZZZZZZ", 0), cpu(h, "c-1", "sub-ZZZZZZZZZZ", 3, pod="x")]})
+    harness.write_marker(hours.final(1))
+    assert harness.run(env={"START_HOUR": iso(h)}).returncode == 0
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
+    assert_clean(harness)
+
+
+def test_fractions_are_carried_so_billed_units_equal_the_whole_part_of_the_total(harness, hours):
+    # 0.4 core-hours an hour for five hours is 2 units in total, billed as the carry crosses each whole unit.
+    for i in range(5):
+        harness.write_hour(hours[i], {"sub-FFFFFFFFFF": [cpu(hours[i], "c-1", "sub-FFFFFFFFFF", 0.4)]})
+    harness.write_marker(hours.final(5))
+    result = harness.run(env={"START_HOUR": iso(hours[0])})
+    assert result.returncode == 0, result.output
+    assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[2])): 1, ("c-1", "cpu_core_hours", iso(hours[4])): 1}
+    assert harness.entry()["remainders"] == {}
+    assert "fractional value" in result.output
+
+
+def test_more_than_a_thousand_files_in_an_hour(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {f"sub-{i:010d}": [cpu(h, "c-1", f"sub-{i:010d}", 1)] for i in range(1100)})
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 0, result.output
+    assert "Found 1100 subscription files" in result.output
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 1100))
+
+
+def test_objects_that_are_not_json_files_are_ignored_with_a_warning(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 2)]})
+    prefix = f"omnistrate-metering/{SERVICE[0]}/{SERVICE[1]}/{SERVICE[2]}/{h:%Y/%m/%d/%H}/"
+    harness.s3.put_object(Bucket=harness.bucket, Key=prefix + "README.txt", Body=b"not usage")
+    harness.s3.put_object(Bucket=harness.bucket, Key=prefix + "sub-BBBBBBBBBB.json.gz", Body=gzip.compress(b"[]"))
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 0, result.output
+    assert "Ignored 2 object(s)" in result.output
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 2))
+
+
+# --- which hours ---------------------------------------------------------------
+
+
+def test_only_hours_the_marker_declares_final_are_sent(harness, hours):
+    for i in range(5):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", i + 1)]})
+    harness.write_marker(hours.final(3))
+    assert harness.run(env={"START_HOUR": iso(hours[0])}).returncode == 0
+    assert sorted(key[2] for key in accepted(harness)) == [iso(hours[i]) for i in range(3)]
+    assert harness.entry()["last_processed_hour"] == iso(hours[2])
+
+    harness.write_marker(hours.final(5))
+    assert harness.run(env={"START_HOUR": iso(hours[0])}).returncode == 0
+    assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[i])): i + 1 for i in range(5)}
+
+
+def test_a_marker_without_this_service_stops_it_and_names_the_keys(harness, hours):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.write_marker(hours.final(1), services=[("Other", "DEV", "pt-other")])
+    result = harness.run(env={"START_HOUR": iso(hours[0])})
+    assert result.returncode == 1
+    assert "export marker has no entry for 'Acme Vector DB:PROD:pt-Q7rT2bX9kL'" in result.output
+    assert "'Other:DEV:pt-other'" in result.output
+    assert accepted(harness) == {}
+    assert "last_processed_hour" not in harness.state().get(KEY, {})
+
+
+def test_without_a_marker_closed_hours_are_processed_with_a_warning(harness):
+    now = current_hour()
+    start = now - timedelta(hours=2)
+    for i in range(3):
+        hour = start + timedelta(hours=i)
+        harness.write_hour(hour, {"sub-AAAAAAAAAA": [cpu(hour, "c-1", "sub-AAAAAAAAAA", 1)]})
+    result = harness.run(env={"START_HOUR": iso(start)})
+    if current_hour() != now:
+        pytest.skip("the hour turned during the run")
+    assert result.returncode == 0, result.output
+    assert "No export marker" in result.output
+    # The current hour is not closed, so it waits even though its file exists.
+    assert sorted(key[2] for key in accepted(harness)) == [iso(start), iso(start + timedelta(hours=1))]
+
+
+def test_a_malformed_marker_is_an_error_not_a_fallback(harness, hours):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.s3.put_object(Bucket=harness.bucket, Key="omnistrate-metering/last_success_export.json", Body=b"{not json")
+    result = harness.run(env={"START_HOUR": iso(hours[0])})
+    assert result.returncode == 1
+    assert "export marker" in result.output and "is not valid JSON" in result.output
+    assert accepted(harness) == {}
+
+
+def test_a_denied_marker_is_an_error_not_a_fallback(harness, hours):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(hours[0]), "AWS_ACCESS_KEY_ID": LISTER[0],
+                              "AWS_SECRET_ACCESS_KEY": LISTER[1]})
+    assert result.returncode == 1
+    assert "cannot read export marker" in result.output and "AccessDenied" in result.output
+    assert accepted(harness) == {}
+
+
+def test_catch_up_is_capped_per_run_and_resumes(harness, hours):
+    for i in range(5):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.write_marker(hours.final(5))
+    env = {"START_HOUR": iso(hours[0]), "MAX_HOURS_PER_RUN": "2"}
+    sent_after, outputs = [], []
+    for _ in range(4):
+        result = harness.run(env=env)
+        assert result.returncode == 0, result.output
+        sent_after.append(len(accepted(harness)))
+        outputs.append(result.output)
+    assert sent_after == [2, 4, 5, 5]
+    assert "Processing hour 2/2" in outputs[0] and "3 hour(s) behind" in outputs[0]
+    assert "0 hour(s) behind" in outputs[2]
+    assert "is not final yet" in outputs[3]
+
+
+def test_first_run_starts_a_day_before_the_current_hour(harness):
+    now = current_hour()
+    for offset in (25, 24):
+        hour = now - timedelta(hours=offset)
+        harness.write_hour(hour, {"sub-AAAAAAAAAA": [cpu(hour, "c-1", "sub-AAAAAAAAAA", offset)]})
+    harness.write_marker(now - timedelta(hours=23))
+    result = harness.run()
+    if current_hour() != now:
+        pytest.skip("the hour turned during the run")
+    assert result.returncode == 0, result.output
+    assert f"No previous processing found, starting from {now - timedelta(hours=24):%Y-%m-%d %H}:00:00" in result.output
+    assert accepted(harness) == {("c-1", "cpu_core_hours", iso(now - timedelta(hours=24))): 24}
+
+
+@pytest.mark.parametrize("zone", ["Asia/Kathmandu", "America/St_Johns", "Pacific/Chatham"])
+def test_hours_are_utc_whatever_the_machine_time_zone(harness, hours, zone):
+    for i in range(2):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.write_marker(hours.final(2))
+    naive_start = hours[0].strftime("%Y-%m-%d %H:%M")  # no offset: read as UTC
+    result = harness.run(env={"TZ": zone, "START_HOUR": naive_start})
+    assert result.returncode == 0, result.output
+    assert sorted(key[2] for key in accepted(harness)) == [iso(hours[0]), iso(hours[1])]
+    assert harness.entry()["last_processed_hour"] == iso(hours[1])
+
+
+# --- several services -------------------------------------------------------------
+
+
+def test_several_services_in_one_run_and_one_failing_does_not_stop_the_others(harness, hours):
+    good = ("Scalar DB Enterprise Édition", "DEV", "pt-Dd01Ee02Ff")
+    broken = ("Broken: Service", "PROD", "pt-Broken0001")
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_hour(h, {"sub-BBBBBBBBBB": [record(good, h, contract="c-2", subscription="sub-BBBBBBBBBB",
+                                                     dimension="replica_hours", value=2)]}, service=good)
+    keys = harness.write_hour(h, {"sub-XXXXXXXXXX": b"[{\"value\": 1"}, service=broken)
+    harness.write_marker(hours.final(1), services=[SERVICE, good, broken])
+    services = ",".join(service_key(s) for s in (SERVICE, broken, good))
+    result = harness.run(env={"START_HOUR": iso(h), "SERVICES": services, "SERVICE_NAME": None})
+    assert result.returncode == 1
+    assert accepted(harness) == {**expect(h, ("c-1", "cpu_core_hours", 3)), **expect(h, ("c-2", "replica_hours", 2))}
+    assert keys[0] in result.output
+    state = harness.state()
+    assert state[service_key(good)]["last_processed_hour"] == iso(h)
+    assert "last_processed_hour" not in state.get(service_key(broken), {})
+
+
+# --- dry run ------------------------------------------------------------------------
+
+
+def test_dry_run_prints_records_and_sends_and_saves_nothing(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_marker(hours.final(1))
+    env = {"START_HOUR": iso(h), "CLAZAR_CLIENT_ID": None, "CLAZAR_CLIENT_SECRET": None}
+    for arguments, extra in ((("--dry-run",), {}), ((), {"DRY_RUN": "true"})):
+        result = harness.run(*arguments, env={**env, **extra})
+        assert result.returncode == 0, result.output
+        assert '"contract_id": "c-1"' in result.output and '"quantity": "3"' in result.output
+    assert harness.clazar.auth_calls == 0 and harness.clazar.metering_calls == 0
+    assert not harness.state_path.exists()
+
+
+# --- Clazar's answers and faults --------------------------------------------------------
+
+
+def test_server_errors_and_throttling_are_retried(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_marker(hours.final(1))
+    harness.clazar.faults.extend([status(503), status(500), status(429, retry_after="1"), status(429), status(502)])
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 0, result.output
+    assert harness.clazar.metering_calls == 6
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
+
+
+def test_a_batch_that_keeps_failing_fails_the_hour_and_keeps_it_pending(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_marker(hours.final(1))
+    harness.clazar.faults.extend([status(503)] * 3)
+    result = harness.run(env={"START_HOUR": iso(h), "CLAZAR_MAX_RETRIES": "2"})
+    assert result.returncode == 1
+    assert "Clazar answered HTTP 503" in result.output
+    entry = harness.entry()
+    assert "last_processed_hour" not in entry and entry["pending_hour"]["hour"] == iso(h)
+    assert accepted(harness) == {}
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 0, result.output
+    assert "Resending pending hour" in result.output
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
+
+
+def test_other_client_errors_are_not_retried(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_marker(hours.final(1))
+    harness.clazar.faults.append(status(400))
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 1
+    assert harness.clazar.metering_calls == 1
+    assert "Clazar answered HTTP 400" in result.output
+
+
+@pytest.mark.parametrize("fault", [reset_after_landing, lambda: no_results(land=True), short_results],
+                         ids=["connection-reset", "no-results", "short-results"])
+def test_an_answer_lost_after_the_records_landed_is_resent_and_counted_delivered(harness, hours, fault):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": pod_records(SERVICE, h, contract="c-1", subscription="sub-AAAAAAAAAA")})
+    harness.write_marker(hours.final(1))
+    harness.clazar.faults.append(fault())
+    result = harness.run(env={"START_HOUR": iso(h)})
+    if result.returncode == 1:  # an unusable 200 fails the batch; the next run resends the pending hour
+        assert "pending" in json.dumps(harness.entry())
+        result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 0, result.output
+    assert len(accepted(harness)) == 4
+    assert harness.clazar.outcomes().count("duplicate") == 4
+    assert "already holds contract c-1" in result.output
+    assert harness.entry()["last_processed_hour"] == iso(h)
+
+
+def test_a_hanging_answer_times_out_and_is_retried(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_marker(hours.final(1))
+    from clazar_standin import hang
+    harness.clazar.faults.append(hang(3))
+    result = harness.run(env={"START_HOUR": iso(h), "CLAZAR_TIMEOUT_SECONDS": "1"})
+    assert result.returncode == 0, result.output
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
+
+
+def test_a_token_revoked_mid_run_is_renewed_once(harness, hours):
+    for i in range(2):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.write_marker(hours.final(2))
+    # The second metering call finds every token revoked.
+    harness.clazar.faults.extend([call(lambda records: None), revoke_tokens()])
+    result = harness.run(env={"START_HOUR": iso(hours[0])})
+    assert result.returncode == 0, result.output
+    assert harness.clazar.auth_calls == 2
+    assert "Clazar answered 401; authenticating again" in result.output
+    assert len(accepted(harness)) == 2
+
+
+def test_bad_credentials_fail_the_run_without_sending(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(h), "CLAZAR_CLIENT_SECRET": "wrong-secret-value"})
+    assert result.returncode == 1
+    assert "Clazar refused authentication" in result.output and "HTTP 401" in result.output
+    assert "wrong-secret-value" not in result.output
+    assert accepted(harness) == {}
+    assert harness.entry()["pending_hour"]["hour"] == iso(h)
+
+
+def test_rejected_records_are_kept_reported_and_later_hours_go_on(harness, hours):
+    harness.clazar.known_contracts = {"c-1"}
+    harness.clazar.registered_dimensions = {"cpu_core_hours", "memory_byte_hours"}
+    for i in range(2):
+        harness.write_hour(hours[i], {
+            "sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 2),
+                               record(SERVICE, hours[i], contract="c-1", subscription="sub-AAAAAAAAAA",
+                                      dimension="replica_hours", value=1)],
+            "sub-BBBBBBBBBB": [cpu(hours[i], "c-unknown", "sub-BBBBBBBBBB", 5)],
+        })
+    harness.write_marker(hours.final(2))
+    result = harness.run(env={"START_HOUR": iso(hours[0])})
+    assert result.returncode == 1
+    assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[i])): 2 for i in range(2)}
+    entry = harness.entry()
+    assert entry["last_processed_hour"] == iso(hours[1])
+    rejected = {(item["contract_id"], item["dimension"], item["start_time"], item["quantity"]): item["answer"]
+                for item in entry["rejected"]}
+    assert set(rejected) == {
+        ("c-unknown", "cpu_core_hours", iso(hours[i]), "5") for i in range(2)
+    } | {("c-1", "replica_hours", iso(hours[i]), "1") for i in range(2)}
+    assert rejected["c-unknown", "cpu_core_hours", iso(hours[0]), "5"]["errors"] == ["Contract c-unknown not found"]
+    assert rejected["c-1", "replica_hours", iso(hours[0]), "1"] == {"status": "fail"}
+    assert "Clazar rejected contract c-unknown dimension cpu_core_hours" in result.output
+    assert "4 rejected" in result.output
+
+
+# --- bad input ------------------------------------------------------------------------
+
+
+BAD_FILES = {
+    "truncated": b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": 1',
+    "object": b'{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": 1}',
+    "empty-object": b"{}",
+    "empty-file": b"",
+    "not-an-object": b'[1, 2]',
+    "string-value": b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": "12"}]',
+    "negative-value": b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": -1}]',
+    "nan-value": b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": NaN}]',
+    "huge-value": b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": 1e400}]',
+    "too-big-int": b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": 99999999999999999999}]',
+    "boolean-value": b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": true}]',
+    "missing-value": b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours"}]',
+    "gzip": gzip.compress(b'[{"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": 1}]'),
+    "latin-1": '[{"externalPayerId": "c-\xe9", "dimension": "cpu_core_hours", "value": 1}]'.encode("latin-1"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BAD_FILES))
+def test_a_bad_file_fails_its_whole_hour_naming_the_key_and_sends_nothing_of_it(harness, hours, name):
+    h = hours[0]
+    harness.write_hour(h, {"sub-GOODGOOD01": [cpu(h, "c-1", "sub-GOODGOOD01", 2)]})
+    bad_key = harness.write_hour(h, {"sub-BADBADBAD": BAD_FILES[name]})[0]
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 1
+    errors = "\n".join(result.lines("ERROR"))
+    assert bad_key in errors
+    assert accepted(harness) == {} and harness.clazar.metering_calls == 0
+    assert "last_processed_hour" not in harness.state().get(KEY, {})
+    # Once the file is fixed the hour goes through whole.
+    harness.write_hour(h, {"sub-BADBADBAD": [cpu(h, "c-1", "sub-BADBADBAD", 1)]})
+    result = harness.run(env={"START_HOUR": iso(h)})
+    assert result.returncode == 0, result.output
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
+
+
+def test_corrupt_state_stops_the_run_and_is_left_untouched(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_marker(hours.final(1))
+    for corrupt in (b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "2025-', b"[]",
+                    b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "yesterday"}}',
+                    b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {"c-1": {"cpu_core_hours": "3/2"}}}}'):
+        harness.state_path.write_bytes(corrupt)
+        result = harness.run(env={"START_HOUR": iso(h)})
+        assert result.returncode == 4, result.output
+        assert str(harness.state_path) in result.output
+        assert harness.state_path.read_bytes() == corrupt
+        assert harness.clazar.metering_calls == 0 and harness.clazar.auth_calls == 0
+
+
+def test_a_state_file_from_the_original_script_carries_over(harness, hours):
+    harness.state_path.write_text(json.dumps({KEY: {"last_processed_hour": iso(hours[0])}}))
+    for i in range(2):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.write_marker(hours.final(2))
+    result = harness.run()
+    assert result.returncode == 0, result.output
+    assert accepted(harness) == expect(hours[1], ("c-1", "cpu_core_hours", 1))
+    assert oct(harness.state_path.stat().st_mode & 0o777) == "0o600"
+
+
+# --- crashes and concurrency ---------------------------------------------------------------
+
+
+def _five_records_in_three_batches(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": pod_records(SERVICE, h, contract="c-1", subscription="sub-AAAAAAAAAA"),
+                           "sub-BBBBBBBBBB": [cpu(h, "c-2", "sub-BBBBBBBBBB", 7)]})
+    harness.write_hour(hours[1], {"sub-AAAAAAAAAA": [cpu(hours[1], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.write_marker(hours.final(2))
+    return {**expect(h, ("c-1", "cpu_core_hours", 2), ("c-1", "memory_byte_hours", 2 * GIB),
+                     ("c-1", "storage_allocated_byte_hours", 10 * GIB), ("c-1", "replica_hours", 1),
+                     ("c-2", "cpu_core_hours", 7)),
+            **expect(hours[1], ("c-1", "cpu_core_hours", 1))}
+
+
+@pytest.mark.parametrize("fault", [
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "1"},   # before the pending hour is recorded
+    {"FAULT_KILL_AFTER_STATE_WRITE": "1"},    # pending recorded, nothing sent
+    {"FAULT_KILL_AFTER_BATCH": "1"},          # first batch landed, answer unread
+    {"FAULT_KILL_AFTER_BATCH": "2"},
+    {"FAULT_KILL_AFTER_BATCH": "3"},          # every batch landed
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "2"},   # before the commit
+    {"FAULT_KILL_AFTER_STATE_WRITE": "2"},    # right after the commit
+    {"FAULT_KILL_AFTER_STATE_WRITE": "3"},    # second hour pending
+], ids=lambda fault: "-".join(next(iter(fault.items()))).lower())
+def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(harness, hours, fault):
+    expected = _five_records_in_three_batches(harness, hours)
+    env = {"START_HOUR": iso(hours[0]), "CLAZAR_BATCH_SIZE": "2"}
+    killed = harness.run(env=env, faults=fault)
+    assert killed.returncode == -9, killed.output
+    result = harness.run(env=env)
+    assert result.returncode == 0, result.output
+    assert accepted(harness) == expected
+    assert len(harness.clazar.successes()) == len(expected)
+    assert harness.entry()["last_processed_hour"] == iso(hours[1])
+    assert "pending_hour" not in harness.entry()
+    assert_clean(harness)
+
+
+def test_a_pending_hour_is_resent_as_recorded_not_recomputed(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3), cpu(h, "c-2", "sub-AAAAAAAAAA", 4, pod="x")]})
+    harness.write_marker(hours.final(1))
+    env = {"START_HOUR": iso(h), "CLAZAR_BATCH_SIZE": "1"}
+    assert harness.run(env=env, faults={"FAULT_KILL_AFTER_BATCH": "1"}).returncode == -9
+    # The export changes after part of the hour was sent: the rest must still match what was recorded.
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 30), cpu(h, "c-2", "sub-AAAAAAAAAA", 40, pod="x")]})
+    result = harness.run(env=env)
+    assert result.returncode == 0, result.output
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3), ("c-2", "cpu_core_hours", 4))
+
+
+def test_a_second_run_while_one_is_working_exits_with_the_lock_code(harness, hours):
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
+    harness.write_marker(hours.final(1))
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(records):
+        inside.set()
+        release.wait(60)
+
+    harness.clazar.faults.append(call(hold, before_landing=True))
+    first = harness.popen(env={"START_HOUR": iso(h)})
+    assert inside.wait(60)
+    second = harness.run(env={"START_HOUR": iso(h)})
+    release.set()
+    output, _ = first.communicate(timeout=60)
+    assert second.returncode == 3, second.output
+    assert "another run holds the lock" in second.output
+    assert first.returncode == 0, output
+    assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
+    assert harness.clazar.metering_calls == 1
+
+
+# --- secrets and configuration -----------------------------------------------------------
+
+
+def test_no_secret_token_or_email_reaches_the_log_even_at_debug(harness, hours):
+    for i in range(2):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": pod_records(SERVICE, hours[i], contract="c-1", subscription="sub-AAAAAAAAAA")})
+    harness.write_hour(hours[0], {"sub-BADBADBAD": [dict(cpu(hours[0], "c-1", "sub-BADBADBAD", 1), value="ops@buyer.example")]})
+    harness.write_marker(hours.final(2))
+    harness.clazar.faults.extend([status(503), revoke_tokens()])
+    result = harness.run(env={"START_HOUR": iso(hours[0]), "LOG_LEVEL": "DEBUG"})
+    harness.write_hour(hours[0], {"sub-BADBADBAD": []})
+    second = harness.run(env={"START_HOUR": iso(hours[0]), "LOG_LEVEL": "DEBUG"})
+    assert second.returncode == 0, second.output
+    output = result.output + second.output
+    assert " - DEBUG - " in output
+    assert CLIENT_SECRET not in output
+    assert "buyer.example" not in output
+    for token in harness.clazar.issued_tokens:
+        assert token not in output
+    assert harness.clazar.issued_tokens
+
+
+@pytest.mark.parametrize("change, variable", [
+    ({"S3_BUCKET_NAME": None}, "S3_BUCKET_NAME"),
+    ({"PLAN_ID": ""}, "PLAN_ID"),
+    ({"CLAZAR_CLIENT_SECRET": None}, "CLAZAR_CLIENT_SECRET"),
+    ({"CLAZAR_CLOUD": "ibm"}, "CLAZAR_CLOUD"),
+    ({"MAX_HOURS_PER_RUN": "0"}, "MAX_HOURS_PER_RUN"),
+    ({"MAX_HOURS_PER_RUN": "many"}, "MAX_HOURS_PER_RUN"),
+    ({"START_HOUR": "2025-07-23T16:30:00Z"}, "START_HOUR"),
+    ({"START_HOUR": "yesterday"}, "START_HOUR"),
+    ({"SERVICES": "Postgres:PROD"}, "SERVICES"),
+    ({"DRY_RUN": "maybe"}, "DRY_RUN"),
+    ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
+    ({"CLAZAR_API_URL": "http://api.clazar.example/metering/"}, "CLAZAR_API_URL"),
+    ({"CLAZAR_AUTH_URL": "http://10.0.0.8/authenticate/"}, "CLAZAR_AUTH_URL"),
+    ({"CLAZAR_BATCH_SIZE": "-3"}, "CLAZAR_BATCH_SIZE"),
+])
+def test_a_bad_setting_exits_2_with_one_line_naming_it(harness, change, variable):
+    result = harness.run(env=change)
+    assert result.returncode == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1, result.output
+    assert variable in lines[0] and "Traceback" not in result.output
+    assert harness.clazar.auth_calls == 0 and not harness.state_path.exists()
+    assert CLIENT_SECRET not in result.output
