@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from urllib.parse import urlsplit
 
 __version__ = "1.0.0"
@@ -275,6 +276,16 @@ def _check_url(variable: str, url: str, carries_credentials: bool) -> str:
     return url
 
 
+def _state_path(path: str) -> str:
+    if path.startswith("s3://"):
+        bucket, _, key = path[len("s3://"):].partition("/")
+        if not bucket or not key or key.endswith("/"):
+            raise ConfigError("STATE_FILE_PATH", f"must be s3://bucket/key with a key that names an object, got {path!r}")
+        if key.startswith(EXPORT_ROOT):
+            raise ConfigError("STATE_FILE_PATH", f"must not lie under {EXPORT_ROOT}, which Omnistrate writes")
+    return path
+
+
 def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None) -> Config:
     """Read every setting from ``environ``. Raises ConfigError naming the first bad variable.
 
@@ -338,8 +349,8 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None) -> C
         timeout_seconds=env.number("CLAZAR_TIMEOUT_SECONDS", 20.0, 0.1),
         backoff_seconds=env.number("CLAZAR_BACKOFF_SECONDS", 1.0, 0.0),
         retry_after_max_seconds=env.number("CLAZAR_RETRY_AFTER_MAX_SECONDS", 60.0, 0.0),
-        state_path=env.text("STATE_FILE_PATH", "./metering_state.json"),
-        lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 30),
+        state_path=_state_path(env.text("STATE_FILE_PATH", "./metering_state.json")),
+        lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 5),
         max_hours_per_run=env.integer("MAX_HOURS_PER_RUN", 24, 1),
         start_hour=start_hour,
         marker_lag=timedelta(minutes=env.integer("EXPORT_MARKER_LAG_MINUTES", 0, 0, 24 * 60)),
@@ -731,12 +742,12 @@ _BINARY = {
     ast.Mod: lambda a, b: Fraction(a) % b,
     ast.Pow: lambda a, b: Fraction(a) ** b,
 }
-_FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int | None]] = {
-    # name: (function, fewest arguments, most arguments or None)
-    "min": (min, 2, None),
-    "max": (max, 2, None),
-    "abs": (abs, 1, 1),
-    "round": (round, 1, 2),
+_FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int | None, str]] = {
+    # name: (function, fewest arguments, most arguments or None, how that reads)
+    "min": (min, 2, None, "two or more arguments"),
+    "max": (max, 2, None, "two or more arguments"),
+    "abs": (abs, 1, 1, "one argument"),
+    "round": (round, 1, 2, "one or two arguments"),
 }
 
 
@@ -767,7 +778,7 @@ def _evaluate(node: ast.expr, values: Mapping[str, Fraction]) -> Any:
         return -operand if isinstance(node.op, ast.USub) else operand
     if isinstance(node, ast.BinOp):
         return _BINARY[type(node.op)](_evaluate(node.left, values), _evaluate(node.right, values))
-    function = _FUNCTIONS[node.func.id][0]  # the only node left after checking is a Call
+    function = _FUNCTIONS[node.func.id][0]  # after checking, the only node left is a Call
     return function(*(_evaluate(argument, values) for argument in node.args))
 
 
@@ -783,57 +794,73 @@ def _exponent(node: ast.expr) -> int | None:
 
 
 def compile_formula(variable: str, name: str, text: str, names: frozenset[str]) -> Formula:
-    """Parse and check one formula. Raises ConfigError naming ``variable`` for anything
-    outside the grammar: numbers, the given names, + - * / // % **, parentheses,
-    unary minus, min, max, abs and round."""
-    if len(text) > MAX_FORMULA_LENGTH:
+    """Parse and check one formula.
+
+    The grammar: numbers, the given names, + - * / // % **, parentheses, unary
+    minus, and the functions min, max, abs and round. Raises ConfigError naming
+    ``variable`` for anything else, and for ** with anything but a whole-number
+    literal exponent of at most 64 (so no formula can take unbounded time).
+    """
+    source = text.strip()
+    if len(source) > MAX_FORMULA_LENGTH:
         raise ConfigError(variable, f"is longer than {MAX_FORMULA_LENGTH} characters")
     try:
-        tree = ast.parse(text.strip(), mode="eval").body
+        tree = ast.parse(source, mode="eval").body
     except (SyntaxError, ValueError, RecursionError, MemoryError) as error:
         raise ConfigError(variable, f"is not a valid formula: {getattr(error, 'msg', error)}") from None
+    return Formula(variable, name, source, _checked(tree, variable, source, names, 0))
 
-    def check(node: ast.AST, depth: int = 0) -> ast.expr:
-        if depth > 50:
-            raise ConfigError(variable, "is nested too deeply")
-        if isinstance(node, ast.Constant):
-            if type(node.value) is int:
-                return node
-            if type(node.value) is float and math.isfinite(node.value):
-                # repr gives the shortest text that reads back as the literal: 0.01 -> 1/100 exactly
-                return ast.copy_location(ast.Constant(Fraction(repr(node.value))), node)
-            raise ConfigError(variable, f"may only contain numbers, not {node.value!r}")
-        if isinstance(node, ast.Name):
-            if node.id not in names:
-                raise ConfigError(variable, f"uses unknown name {node.id!r}; known: {', '.join(sorted(names))}")
-            return node
-        if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
-            node.operand = check(node.operand, depth + 1)
-            return node
-        if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
-            if isinstance(node.op, ast.Pow):
-                exponent = _exponent(node.right)
-                if exponent is None or abs(exponent) > MAX_EXPONENT:
-                    raise ConfigError(variable, f"** needs a whole-number literal exponent between -{MAX_EXPONENT} and {MAX_EXPONENT}")
-                if isinstance(node.left, ast.BinOp) and isinstance(node.left.op, ast.Pow):
-                    raise ConfigError(variable, "a power of a power is not allowed; write the exponent out")
-                node.right = ast.copy_location(ast.Constant(exponent), node.right)
-            else:
-                node.right = check(node.right, depth + 1)
-            node.left = check(node.left, depth + 1)
-            return node
-        if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS and not node.keywords:
-            _, fewest, most = _FUNCTIONS[node.func.id]
-            count = len(node.args)
-            if count < fewest or (most is not None and count > most) or any(isinstance(a, ast.Starred) for a in node.args):
-                raise ConfigError(variable, f"{node.func.id}() takes {fewest}{'' if most == fewest else ' or more' if most is None else f' to {most}'} argument(s)")
-            if node.func.id == "round" and count == 2 and _exponent(node.args[1]) is None:
-                raise ConfigError(variable, "round()'s second argument must be a whole-number literal")
-            node.args = [check(argument, depth + 1) for argument in node.args]
-            return node
-        raise ConfigError(variable, f"may not contain {type(node).__name__} ({ast.get_source_segment(text.strip(), node) or type(node).__name__})")
 
-    return Formula(variable, name, text.strip(), check(tree))
+def _checked(node: ast.AST, variable: str, source: str, names: frozenset[str], depth: int) -> ast.expr:
+    """``node`` if every part of it is in the grammar, with literals made exact."""
+
+    def refuse(problem: str) -> ConfigError:
+        return ConfigError(variable, problem)
+
+    def check(child: ast.AST) -> ast.expr:
+        return _checked(child, variable, source, names, depth + 1)
+
+    if depth > 50:
+        raise refuse("is nested too deeply")
+    if isinstance(node, ast.Constant):
+        if type(node.value) is int:
+            return node
+        if type(node.value) is float and math.isfinite(node.value):
+            # repr is the shortest text that reads back as the literal: 0.01 becomes exactly 1/100.
+            return ast.copy_location(ast.Constant(Fraction(repr(node.value))), node)
+        raise refuse(f"may only contain numbers, not {node.value!r}")
+    if isinstance(node, ast.Name):
+        if node.id not in names:
+            raise refuse(f"uses unknown name {node.id!r}; known: {', '.join(sorted(names))}")
+        return node
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        node.operand = check(node.operand)
+        return node
+    if isinstance(node, ast.BinOp) and type(node.op) in _BINARY:
+        if isinstance(node.op, ast.Pow):
+            exponent = _exponent(node.right)
+            if exponent is None or abs(exponent) > MAX_EXPONENT:
+                raise refuse(f"** needs a whole-number literal exponent from -{MAX_EXPONENT} to {MAX_EXPONENT}")
+            if isinstance(node.left, ast.BinOp) and isinstance(node.left.op, ast.Pow):
+                raise refuse("a power of a power is not allowed; write the exponent out")
+            node.right = ast.copy_location(ast.Constant(exponent), node.right)
+        else:
+            node.right = check(node.right)
+        node.left = check(node.left)
+        return node
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id in _FUNCTIONS:
+        _, fewest, most, arity = _FUNCTIONS[node.func.id]
+        count = len(node.args)
+        if node.keywords or count < fewest or (most is not None and count > most) or any(
+            isinstance(argument, ast.Starred) for argument in node.args
+        ):
+            raise refuse(f"{node.func.id}() takes {arity}")
+        if node.func.id == "round" and count == 2 and _exponent(node.args[1]) is None:
+            raise refuse("round()'s second argument must be a whole-number literal")
+        node.args = [check(argument) for argument in node.args]
+        return node
+    shown = ast.get_source_segment(source, node) or type(node).__name__
+    raise refuse(f"may not contain {shown!r} ({type(node).__name__}); see --help for the formula grammar")
 
 
 _DIMENSION_VARIABLE = re.compile(r"^DIMENSION([1-9][0-9]*)_(NAME|FORMULA)$")
@@ -919,7 +946,8 @@ def metering_records(hour: datetime, cloud: str, quantities: Mapping[tuple[str, 
     """Clazar records for one hour, grouped by contract; zero quantities are not sent."""
     start, end = format_time(hour), format_time(hour + HOUR)
     return [
-        {"cloud": cloud, "contract_id": contract, "dimension": dimension, "start_time": start, "end_time": end, "quantity": str(quantity)}
+        {"cloud": cloud, "contract_id": contract, "dimension": dimension,
+         "start_time": start, "end_time": end, "quantity": str(quantity)}
         for (contract, dimension), quantity in sorted(quantities.items())
         if quantity > 0
     ]
@@ -1062,7 +1090,9 @@ class ClazarClient:
                 allow_redirects=False,
             )
         except requests.RequestException as error:
-            raise ClazarError(f"no answer from {url} after {self.config.max_retries} retries: {type(error).__name__}: {error}") from None
+            raise ClazarError(
+                f"no answer from {url} after {self.config.max_retries} retries: {type(error).__name__}: {error}"
+            ) from None
 
     def token(self) -> str:
         """A valid access token, authenticating when there is none or it is about to expire."""
@@ -1085,7 +1115,9 @@ class ClazarClient:
                 if not isinstance(token, str) or not token:
                     raise ValueError("empty access_token")
             except (ValueError, KeyError, TypeError) as error:
-                raise ClazarAuthError(f"Clazar's authentication answer has no usable access_token ({type(error).__name__})") from None
+                raise ClazarAuthError(
+                    f"Clazar's authentication answer has no usable access_token ({type(error).__name__})"
+                ) from None
             redact(token)
             self._token = token
             # Refresh early: a token must not expire between the check and the request.
@@ -1367,6 +1399,142 @@ class LocalStateStore:
                 os.close(folder_descriptor)
         except OSError as error:
             raise StateError(f"cannot write state {self.display}: {error.strerror or error}") from None
+
+
+def _is_condition_failure(error: Exception) -> bool:
+    """True for S3's answers to a conditional write that lost: 412, or 409 when two raced."""
+    status = (getattr(error, "response", None) or {}).get("ResponseMetadata", {}).get("HTTPStatusCode")
+    return _error_code(error) in ("PreconditionFailed", "ConditionalRequestConflict") or status in (409, 412)
+
+
+class S3StateStore:
+    """The state document as one S3 object, for runs that move between machines.
+
+    Every write is conditional: If-Match on the ETag last read or written, or
+    If-None-Match: * when creating, so a run never overwrites another's state.
+    One run at a time holds a lease, the object ``<key>.lock``, created with
+    If-None-Match: *, renewed in the background and deleted at the end. A lease
+    past its expiry (a crashed run) is taken over with If-Match on its ETag.
+    """
+
+    def __init__(self, client: Any, bucket: str, key: str, lease_seconds: int = 900,
+                 clock: Callable[[], datetime] = utc_now):
+        self.client = client
+        self.bucket = bucket
+        self.key = key
+        self.lock_key = key + ".lock"
+        self.lease_seconds = lease_seconds
+        self.clock = clock
+        self.display = f"s3://{bucket}/{key}"
+        self.owner = uuid.uuid4().hex
+        self.etag: str | None = None
+        self._lease_etag: str | None = None
+        self._lease_lost = threading.Event()
+        self._stop_renewing = threading.Event()
+        self._renewer: threading.Thread | None = None
+
+    # --- the lease -------------------------------------------------------------
+
+    def _lease_body(self) -> bytes:
+        expires = self.clock() + timedelta(seconds=self.lease_seconds)
+        return json.dumps({"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(),
+                           "expires_at": format_time(expires)}).encode()
+
+    def _put_lease(self, **condition: str) -> str:
+        return self.client.put_object(Bucket=self.bucket, Key=self.lock_key, Body=self._lease_body(),
+                                      ContentType="application/json", **condition)["ETag"]
+
+    def acquire(self) -> None:
+        """Take the lease, or raise LockHeld naming its holder and expiry."""
+        where = f"s3://{self.bucket}/{self.lock_key}"
+        try:
+            self._lease_etag = self._put_lease(IfNoneMatch="*")
+        except Exception as error:
+            if not _is_condition_failure(error):
+                raise StateError(f"cannot create lease {where}: {error}") from None
+            self._take_over_expired(where)
+        self._renewer = threading.Thread(target=self._keep_renewing, name="lease-renewer", daemon=True)
+        self._renewer.start()
+
+    def _take_over_expired(self, where: str) -> None:
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.lock_key)
+            holder = json.loads(answer["Body"].read().decode("utf-8"))
+            expires = parse_utc(holder["expires_at"])
+        except Exception as error:
+            if _error_code(error) in ("NoSuchKey", "404"):
+                raise LockHeld(f"the lease {where} changed hands while this run looked at it; this run did nothing") from None
+            raise LockHeld(f"the lease {where} exists but cannot be read ({error}); if no run is active, delete it") from None
+        who = f"owner {holder.get('owner')} on {holder.get('host')}, pid {holder.get('pid')}"
+        if expires > self.clock():
+            raise LockHeld(f"another run holds the lock {where} ({who}) until {format_time(expires)}; this run did nothing")
+        try:
+            self._lease_etag = self._put_lease(IfMatch=answer["ETag"])
+        except Exception as error:
+            if _is_condition_failure(error):
+                raise LockHeld(f"another run took over the expired lease {where} first; this run did nothing") from None
+            raise StateError(f"cannot take over lease {where}: {error}") from None
+        log.warning("Took over the lease %s, which expired at %s (%s): that run ended without releasing it",
+                    where, format_time(expires), who)
+
+    def _keep_renewing(self) -> None:
+        # Renew at a third of the lease so two renewals can fail before it lapses.
+        while not self._stop_renewing.wait(self.lease_seconds / 3):
+            try:
+                self._lease_etag = self._put_lease(IfMatch=self._lease_etag)
+            except Exception as error:
+                if _is_condition_failure(error):
+                    self._lease_lost.set()
+                    log.error("Lost the lease s3://%s/%s to another run; no further state will be written",
+                              self.bucket, self.lock_key)
+                    return
+                log.warning("Could not renew the lease s3://%s/%s (will retry): %s", self.bucket, self.lock_key, error)
+
+    def release(self) -> None:
+        self._stop_renewing.set()
+        if self._renewer is not None:
+            self._renewer.join()
+        if self._lease_etag is None or self._lease_lost.is_set():
+            return
+        try:
+            self.client.delete_object(Bucket=self.bucket, Key=self.lock_key, IfMatch=self._lease_etag)
+        except Exception as error:
+            log.warning("Could not delete the lease s3://%s/%s; it lapses by itself after %d s: %s",
+                        self.bucket, self.lock_key, self.lease_seconds, error)
+        self._lease_etag = None
+
+    # --- the document ------------------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        """The document, or {} if the object does not exist yet. Raises StateError."""
+        try:
+            answer = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            body = answer["Body"].read()
+        except Exception as error:
+            if _error_code(error) in ("NoSuchKey", "404"):
+                self.etag = None
+                return {}
+            raise StateError(f"cannot read state {self.display}: {error}") from None
+        document = parse_state(body, self.display)
+        self.etag = answer["ETag"]
+        return document
+
+    def save(self, document: Mapping[str, Any]) -> None:
+        """Write the document if nobody else has since it was read. Raises StateError otherwise."""
+        if self._lease_lost.is_set():
+            raise StateError(f"this run lost its lease on {self.display} to another run; the state was not written")
+        condition = {"IfMatch": self.etag} if self.etag else {"IfNoneMatch": "*"}
+        try:
+            answer = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=dump_state(document),
+                                            ContentType="application/json", **condition)
+        except Exception as error:
+            if _is_condition_failure(error):
+                raise StateError(
+                    f"state {self.display} was changed by another writer since this run read it; "
+                    "nothing was overwritten, the next run resumes from what is there"
+                ) from None
+            raise StateError(f"cannot write state {self.display}: {error}") from None
+        self.etag = answer["ETag"]
 
 
 class StateBook:
@@ -1664,7 +1832,11 @@ def s3_client(workers: int) -> Any:
     )
 
 
-def open_state_store(config: Config) -> LocalStateStore:
+def open_state_store(config: Config, client: Any) -> LocalStateStore | S3StateStore:
+    """The state store STATE_FILE_PATH names: ``s3://bucket/key`` or a local path."""
+    if config.state_path.startswith("s3://"):
+        bucket, _, key = config.state_path[len("s3://"):].partition("/")
+        return S3StateStore(client, bucket, key, config.lock_ttl_seconds)
     return LocalStateStore(config.state_path)
 
 
@@ -1678,14 +1850,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_CONFIG
     configure_logging(config.log_level)
     redact(config.client_secret)
-    store = open_state_store(config)
+    workers = 16
+    client = s3_client(workers)
+    store = open_state_store(config, client)
     try:
         if not config.dry_run:
             store.acquire()
         try:
             book = StateBook(store)
-            workers = 16
-            source = ExportSource(s3_client(workers), config.bucket, workers)
+            source = ExportSource(client, config.bucket, workers)
             clazar = None if config.dry_run else ClazarClient(config)
             reports = Exporter(config, source, clazar, book).run()
         finally:

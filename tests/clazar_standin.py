@@ -211,7 +211,8 @@ class ClazarStandIn:
             if self.known_contracts is not None and record["contract_id"] not in self.known_contracts:
                 entry.update(status="fail", errors=[f"Contract {record['contract_id']} not found"])
             elif record["contract_id"] in self.rejected_contracts:
-                entry.update(status="fail", errors=[{"code": "invalid", "message": self.rejected_contracts[record["contract_id"]]}])
+                message = self.rejected_contracts[record["contract_id"]]
+                entry.update(status="fail", errors=[{"code": "invalid", "message": message}])
             elif self.registered_dimensions is not None and record["dimension"] not in self.registered_dimensions:
                 entry.update(status="fail")
             elif key in self.accepted:

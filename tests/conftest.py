@@ -73,6 +73,7 @@ class Harness:
         self.clazar = clazar
         self.folder = folder
         self.state_path = folder / "state" / "metering_state.json"
+        self.state_key = ""
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         self.env = {
             "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
@@ -122,16 +123,59 @@ class Harness:
     def write_marker(self, final_before: datetime, services=(SERVICE,)) -> None:
         export_data.write_marker(self.s3, self.bucket, {export_data.service_key(s): final_before for s in services})
 
+    # --- state, wherever STATE_FILE_PATH puts it ---------------------------------
+
+    def use_s3_state(self, key: str = "exporter/metering_state.json") -> str:
+        """Keep the state in its own bucket, as a Kubernetes deployment does."""
+        self.state_bucket = f"state-{uuid.uuid4().hex[:12]}"
+        self.s3.create_bucket(Bucket=self.state_bucket)
+        self.state_key = key
+        self.env["STATE_FILE_PATH"] = f"s3://{self.state_bucket}/{key}"
+        return self.env["STATE_FILE_PATH"]
+
+    @property
+    def state_display(self) -> str:
+        return self.env["STATE_FILE_PATH"]
+
+    @property
+    def state_in_s3(self) -> bool:
+        return self.env["STATE_FILE_PATH"].startswith("s3://")
+
+    def state_bytes(self, key: str | None = None) -> bytes | None:
+        if self.state_in_s3:
+            try:
+                return self.s3.get_object(Bucket=self.state_bucket, Key=key or self.state_key)["Body"].read()
+            except self.s3.exceptions.NoSuchKey:
+                return None
+        path = Path(str(self.state_path) + key[len(self.state_key):]) if key else self.state_path
+        return path.read_bytes() if path.exists() else None
+
+    def write_state_bytes(self, body: bytes) -> None:
+        if self.state_in_s3:
+            self.s3.put_object(Bucket=self.state_bucket, Key=self.state_key, Body=body)
+        else:
+            self.state_path.write_bytes(body)
+
     def state(self) -> dict:
-        return json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        body = self.state_bytes()
+        return json.loads(body) if body is not None else {}
 
     def entry(self, service=SERVICE) -> dict:
+        """The state entry of ``service``."""
         return self.state()[export_data.service_key(service)]
 
 
 @pytest.fixture
 def harness(s3, seaweed, bucket, clazar, tmp_path) -> Harness:
     return Harness(s3, seaweed, bucket, clazar, tmp_path)
+
+
+@pytest.fixture(params=["local-state", "s3-state"])
+def backend_harness(request, harness) -> Harness:
+    """The harness, once with a local state file and once with the state in S3."""
+    if request.param == "s3-state":
+        harness.use_s3_state()
+    return harness
 
 
 @pytest.fixture

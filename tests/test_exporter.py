@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 import threading
+import time
 from datetime import timedelta
 
 import pytest
@@ -87,7 +88,8 @@ def test_payerless_rows_are_counted_not_sent_and_repeated_rows_count_once(harnes
 
 def test_zero_totals_are_not_sent(harness, hours):
     h = hours[0]
-    harness.write_hour(h, {"sub-ZZZZZZZZZZ": [cpu(h, "c-zero", "sub-ZZZZZZZZZZ", 0), cpu(h, "c-1", "sub-ZZZZZZZZZZ", 3, pod="x")]})
+    harness.write_hour(h, {"sub-ZZZZZZZZZZ": [cpu(h, "c-zero", "sub-ZZZZZZZZZZ", 0),
+                                              cpu(h, "c-1", "sub-ZZZZZZZZZZ", 3, pod="x")]})
     harness.write_marker(hours.final(1))
     assert harness.run(env={"START_HOUR": iso(h)}).returncode == 0
     assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
@@ -434,19 +436,22 @@ def test_a_bad_file_fails_its_whole_hour_naming_the_key_and_sends_nothing_of_it(
     assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
 
 
-def test_corrupt_state_stops_the_run_and_is_left_untouched(harness, hours):
+def test_corrupt_state_stops_the_run_and_is_left_untouched(backend_harness, hours):
+    harness = backend_harness
     h = hours[0]
     harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
     harness.write_marker(hours.final(1))
     for corrupt in (b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "2025-', b"[]",
                     b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "yesterday"}}',
                     b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {"c-1": {"cpu_core_hours": "3/2"}}}}'):
-        harness.state_path.write_bytes(corrupt)
+        harness.write_state_bytes(corrupt)
         result = harness.run(env={"START_HOUR": iso(h)})
         assert result.returncode == 4, result.output
-        assert str(harness.state_path) in result.output
-        assert harness.state_path.read_bytes() == corrupt
+        assert harness.state_display in result.output
+        assert harness.state_bytes() == corrupt
         assert harness.clazar.metering_calls == 0 and harness.clazar.auth_calls == 0
+    if harness.state_in_s3:
+        assert harness.state_bytes(harness.state_key + ".lock") is None, "the lock was released"
 
 
 def test_a_state_file_from_the_original_script_carries_over(harness, hours):
@@ -485,13 +490,21 @@ def _five_records_in_three_batches(harness, hours):
     {"FAULT_KILL_AFTER_STATE_WRITE": "2"},    # right after the commit
     {"FAULT_KILL_AFTER_STATE_WRITE": "3"},    # second hour pending
 ], ids=lambda fault: "-".join(next(iter(fault.items()))).lower())
-def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(harness, hours, fault):
+def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(backend_harness, hours, fault):
+    harness = backend_harness
     expected = _five_records_in_three_batches(harness, hours)
-    env = {"START_HOUR": iso(hours[0]), "CLAZAR_BATCH_SIZE": "2"}
+    env = {"START_HOUR": iso(hours[0]), "CLAZAR_BATCH_SIZE": "2", "STATE_LOCK_TTL_SECONDS": "5"}
     killed = harness.run(env=env, faults=fault)
     assert killed.returncode == -9, killed.output
+    if harness.state_in_s3:
+        # The killed run's lease is still there: a run before it lapses must stand back.
+        early = harness.run(env=env)
+        assert early.returncode == 3 and "another run holds the lock" in early.output
+        time.sleep(5.5)
     result = harness.run(env=env)
     assert result.returncode == 0, result.output
+    if harness.state_in_s3:
+        assert "Took over the lease" in result.output
     assert accepted(harness) == expected
     assert len(harness.clazar.successes()) == len(expected)
     assert harness.entry()["last_processed_hour"] == iso(hours[1])
@@ -499,12 +512,15 @@ def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(harness,
     assert_clean(harness)
 
 
-def test_a_pending_hour_is_resent_as_recorded_not_recomputed(harness, hours):
+def test_a_pending_hour_is_resent_as_recorded_not_recomputed(backend_harness, hours):
+    harness = backend_harness
     h = hours[0]
     harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3), cpu(h, "c-2", "sub-AAAAAAAAAA", 4, pod="x")]})
     harness.write_marker(hours.final(1))
-    env = {"START_HOUR": iso(h), "CLAZAR_BATCH_SIZE": "1"}
+    env = {"START_HOUR": iso(h), "CLAZAR_BATCH_SIZE": "1", "STATE_LOCK_TTL_SECONDS": "5"}
     assert harness.run(env=env, faults={"FAULT_KILL_AFTER_BATCH": "1"}).returncode == -9
+    if harness.state_in_s3:
+        time.sleep(5.5)
     # The export changes after part of the hour was sent: the rest must still match what was recorded.
     harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 30), cpu(h, "c-2", "sub-AAAAAAAAAA", 40, pod="x")]})
     result = harness.run(env=env)
@@ -512,7 +528,8 @@ def test_a_pending_hour_is_resent_as_recorded_not_recomputed(harness, hours):
     assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3), ("c-2", "cpu_core_hours", 4))
 
 
-def test_a_second_run_while_one_is_working_exits_with_the_lock_code(harness, hours):
+def test_a_second_run_while_one_is_working_exits_with_the_lock_code(backend_harness, hours):
+    harness = backend_harness
     h = hours[0]
     harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
     harness.write_marker(hours.final(1))
@@ -533,6 +550,8 @@ def test_a_second_run_while_one_is_working_exits_with_the_lock_code(harness, hou
     assert first.returncode == 0, output
     assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
     assert harness.clazar.metering_calls == 1
+    if harness.state_in_s3:
+        assert harness.state_bytes(harness.state_key + ".lock") is None, "the lock was released"
 
 
 # --- secrets and configuration -----------------------------------------------------------
@@ -540,7 +559,8 @@ def test_a_second_run_while_one_is_working_exits_with_the_lock_code(harness, hou
 
 def test_no_secret_token_or_email_reaches_the_log_even_at_debug(harness, hours):
     for i in range(2):
-        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": pod_records(SERVICE, hours[i], contract="c-1", subscription="sub-AAAAAAAAAA")})
+        harness.write_hour(hours[i], {
+            "sub-AAAAAAAAAA": pod_records(SERVICE, hours[i], contract="c-1", subscription="sub-AAAAAAAAAA")})
     harness.write_hour(hours[0], {"sub-BADBADBAD": [dict(cpu(hours[0], "c-1", "sub-BADBADBAD", 1), value="ops@buyer.example")]})
     harness.write_marker(hours.final(2))
     harness.clazar.faults.extend([status(503), revoke_tokens()])

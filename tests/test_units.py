@@ -1,0 +1,310 @@
+"""Fast tests of the pure parts: configuration, hours, parsing, aggregation, carry,
+Clazar's answers and the state document."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from fractions import Fraction
+
+import metering_processor as mp
+import pytest
+
+UTC = timezone.utc
+BASE = {
+    "S3_BUCKET_NAME": "bucket",
+    "SERVICE_NAME": "Postgres",
+    "ENVIRONMENT_TYPE": "PROD",
+    "PLAN_ID": "pt-HJSv20iWX0",
+    "CLAZAR_CLIENT_ID": "id",
+    "CLAZAR_CLIENT_SECRET": "secret-value",
+}
+
+
+def at(text: str) -> datetime:
+    return mp.parse_utc(text)
+
+
+# --- configuration -----------------------------------------------------------------
+
+
+def test_defaults():
+    config = mp.load_config(BASE)
+    assert config.services == (mp.ServiceKey("Postgres", "PROD", "pt-HJSv20iWX0"),)
+    assert config.cloud == "aws"
+    assert config.api_url == "https://api.clazar.io/metering/"
+    assert config.auth_url == "https://api.clazar.io/authenticate/"
+    assert config.state_path == "./metering_state.json"
+    assert config.max_hours_per_run == 24 and config.batch_size == 25 and config.max_retries == 5
+    assert config.start_hour is None and config.dry_run is False and config.formulas == ()
+    assert "secret-value" not in repr(config)
+
+
+def test_services_split_on_the_last_two_colons():
+    keys = mp.parse_service_keys("Acme Vector DB:PROD:pt-1, Weird: Name:DEV:pt-2,")
+    assert [k.key for k in keys] == ["Acme Vector DB:PROD:pt-1", "Weird: Name:DEV:pt-2"]
+    assert keys[0].label == "Acme Vector DB/PROD/pt-1"
+
+
+@pytest.mark.parametrize("text", ["Postgres:PROD", "a:b:", ":b:c", "a/b:PROD:pt", "a:PROD:pt,a:PROD:pt", ","])
+def test_bad_services(text):
+    with pytest.raises(mp.ConfigError) as error:
+        mp.parse_service_keys(text)
+    assert error.value.variable == "SERVICES"
+
+
+def test_services_replace_the_single_service_variables():
+    config = mp.load_config({**BASE, "SERVICE_NAME": "", "SERVICES": "A:PROD:pt-1,B:DEV:pt-2"})
+    assert [s.key for s in config.services] == ["A:PROD:pt-1", "B:DEV:pt-2"]
+
+
+def test_dry_run_needs_no_credentials_and_the_flag_wins():
+    environ = {k: v for k, v in BASE.items() if not k.startswith("CLAZAR")}
+    assert mp.load_config(environ, dry_run=True).dry_run
+    assert mp.load_config({**environ, "DRY_RUN": "yes"}).dry_run
+    with pytest.raises(mp.ConfigError, match="CLAZAR_CLIENT_ID"):
+        mp.load_config(environ)
+
+
+def test_plain_http_is_allowed_only_to_loopback_when_credentials_travel():
+    for host in ("127.0.0.1:8080", "localhost", "[::1]:9000"):
+        assert mp.load_config({**BASE, "CLAZAR_API_URL": f"http://{host}/metering/"}).auth_url == f"http://{host}/authenticate/"
+    with pytest.raises(mp.ConfigError, match="CLAZAR_API_URL.*unencrypted"):
+        mp.load_config({**BASE, "CLAZAR_API_URL": "http://clazar.internal/metering/"})
+    assert mp.load_config({**BASE, "CLAZAR_API_URL": "http://clazar.internal/metering/"}, dry_run=True)
+
+
+def test_start_hour_accepts_utc_forms_and_offsets():
+    for text in ("2025-07-23T16:00:00Z", "2025-07-23 16:00", "2025-07-23T18:00:00+02:00", "2025-07-23T16Z"):
+        assert mp.load_config({**BASE, "START_HOUR": text}).start_hour == datetime(2025, 7, 23, 16, tzinfo=UTC)
+
+
+def test_secret_never_appears_in_a_config_error():
+    with pytest.raises(mp.ConfigError) as error:
+        mp.load_config({**BASE, "CLAZAR_API_URL": "ftp://x/"})
+    assert "secret-value" not in str(error.value)
+
+
+# --- hours ---------------------------------------------------------------------------------
+
+
+def test_parse_utc():
+    assert at("2026-02-10T15:29:59Z") == datetime(2026, 2, 10, 15, 29, 59, tzinfo=UTC)
+    assert at("2026-02-10T15:29:59.123456+00:00") == datetime(2026, 2, 10, 15, 29, 59, tzinfo=UTC)
+    assert at("2026-02-10T05:45:00+05:45") == datetime(2026, 2, 10, 0, 0, tzinfo=UTC)
+    assert at("2026-02-10T00:00:00-0330") == datetime(2026, 2, 10, 3, 30, tzinfo=UTC)
+    for bad in ("", "2026-02-10T25:00:00Z", "10/02/2026", "2026-02-10T15:29:59 PST"):
+        with pytest.raises(ValueError):
+            at(bad)
+
+
+def test_an_hour_is_due_once_closed_and_final():
+    now = at("2026-02-10T16:05:00Z")
+    first = at("2026-02-10T12:00:00Z")
+    # Marker sample C: last_processed_to 15:29:59, so 14:00 is final and 15:00 is not.
+    marker = mp.ExportMarker.parse(json.dumps({"A:PROD:pt": {"last_processed_to": "2026-02-10T15:29:59Z"}}).encode(), "m")
+    final_before = marker.final_before("A:PROD:pt")
+    assert final_before == at("2026-02-10T15:30:00Z")
+    assert mp.due_hours(first, now, final_before, 24) == [
+        at("2026-02-10T12:00Z"), at("2026-02-10T13:00Z"), at("2026-02-10T14:00Z")]
+    assert mp.due_hours(first, now, None, 24)[-1] == at("2026-02-10T15:00Z")
+    assert mp.due_hours(first, now, final_before, 2) == [at("2026-02-10T12:00Z"), at("2026-02-10T13:00Z")]
+    # A 45-minute lag moves the boundary back past 14:00's end.
+    assert mp.due_hours(first, now, marker.final_before("A:PROD:pt", timedelta(minutes=45)), 24)[-1] == at("2026-02-10T13:00Z")
+    # A marker ahead of the clock does not make an open hour due.
+    assert mp.due_hours(first, at("2026-02-10T14:59:59Z"), final_before, 24)[-1] == at("2026-02-10T13:00Z")
+    assert mp.due_hours(at("2026-02-10T16:00Z"), now, None, 24) == []
+
+
+def test_exactly_on_the_boundary():
+    final_before = at("2026-02-10T15:00:00Z")  # last_processed_to 14:59:59
+    assert mp.due_hours(at("2026-02-10T14:00Z"), at("2026-02-11T00:00Z"), final_before, 24) == [at("2026-02-10T14:00Z")]
+
+
+def test_first_due_hour():
+    now = at("2026-02-10T16:05:00Z")
+    assert mp.first_due_hour(at("2026-02-10T10:00Z"), None, now) == at("2026-02-10T11:00Z")
+    assert mp.first_due_hour(None, at("2026-02-01T00:00Z"), now) == at("2026-02-01T00:00Z")
+    assert mp.first_due_hour(None, None, now) == at("2026-02-09T16:00Z")
+
+
+def test_marker_missing_key_names_the_keys_present():
+    marker = mp.ExportMarker.parse(b'{"B:DEV:pt-2": {"last_processed_to": "2026-02-10T15:29:59Z"}}', "m")
+    with pytest.raises(mp.MarkerError, match=r"no entry for 'A:PROD:pt'.*'B:DEV:pt-2'"):
+        marker.final_before("A:PROD:pt")
+
+
+@pytest.mark.parametrize("body", [b"[]", b"{", b'{"A": {}}', b'{"A": {"last_processed_to": "soon"}}', b"\xff"])
+def test_malformed_markers(body):
+    with pytest.raises(mp.MarkerError):
+        mp.ExportMarker.parse(body, "s3://b/marker")
+
+
+# --- parsing export files --------------------------------------------------------------
+
+
+def row(**fields):
+    base = {"externalPayerId": "c-1", "dimension": "cpu_core_hours", "value": 2, "subscriptionId": "sub-1",
+            "instanceId": "i-1", "podName": "db-0", "hostName": "h-1"}
+    return {**base, **fields}
+
+
+def parse(records, **options):
+    return mp.parse_export_file("k.json", json.dumps(records).encode(), **options)
+
+
+def test_parse_reduces_records_to_rows():
+    usage = parse([row(), row(externalPayerId=""), row(dimension=None), row(value=1.5, podName="db-1")])
+    assert usage.records == 4 and usage.unattributable == 2 and usage.fractional == 1
+    assert [(r[1], r[2], r[3]) for r in usage.rows] == [("c-1", "cpu_core_hours", 2), ("c-1", "cpu_core_hours", Fraction(3, 2))]
+
+
+def test_decimal_values_are_exact():
+    usage = mp.parse_export_file("k.json", b'[{"externalPayerId":"c","dimension":"d","value":0.1}]')
+    assert usage.rows[0][3] == Fraction(1, 10)
+
+
+@pytest.mark.parametrize("body, message", [
+    (b"[", "not valid JSON"),
+    (b"{}", "found a JSON dict"),
+    (b"[[]]", "record 0 is a JSON list"),
+    (b'[{"value": "3"}]', 'value "3"'),
+    (b'[{"value": -1}]', "value -1"),
+    (b'[{"value": Infinity}]', "not valid JSON"),
+    (b'[{"value": 1e999}]', "value"),
+    (b'[{"value": null}]', "value null"),
+    (b'[{"dimension": "d"}]', "has no value"),
+    (b'[{"value": 1, "externalPayerId": 7}]', "externalPayerId is a JSON int"),
+    (b"\x1f\x8b\x08\x00", "gzip"),
+    (b"\xff\xfe[]", "not UTF-8"),
+])
+def test_bad_files_name_the_key(body, message):
+    with pytest.raises(mp.ExportFileError) as error:
+        mp.parse_export_file("omnistrate-metering/x/2026/01/01/00/sub-1.json", body)
+    assert str(error.value).startswith("omnistrate-metering/x/2026/01/01/00/sub-1.json")
+    assert message in str(error.value)
+
+
+def test_prices_are_read_only_when_asked_and_validated_then():
+    assert parse([row(pricePerUnit="free")]).rows[0][4] == 0
+    assert parse([row(pricePerUnit=0.05, value=4)], with_prices=True).rows[0][4] == Fraction(1, 5)
+    assert parse([row(pricePerUnit=None)], with_prices=True).rows[0][4] == 0
+    with pytest.raises(mp.ExportFileError, match="pricePerUnit"):
+        parse([row(pricePerUnit="free")], with_prices=True)
+
+
+# --- aggregation and carry -----------------------------------------------------------------
+
+
+def test_repeated_rows_count_once_at_their_largest_value():
+    usage = mp.HourUsage(at("2026-01-01T00:00Z"))
+    usage.add(parse([row(value=4), row(value=4), row(value=3, podName="db-1")]))
+    usage.add(parse([row(value=6), row(externalPayerId="c-2", subscriptionId="sub-2")]))
+    assert usage.repeated == 2 and usage.files == 2 and usage.records == 5
+    assert usage.totals() == {("c-1", "cpu_core_hours"): 9, ("c-2", "cpu_core_hours"): 2}
+
+
+def test_carry_bills_whole_units_and_keeps_the_rest():
+    quantities, remainders = mp.carry({("c", "d"): Fraction(1, 2)}, {("c", "d"): Fraction(3, 4)})
+    assert quantities == {("c", "d"): 1} and remainders == {("c", "d"): Fraction(1, 4)}
+    quantities, remainders = mp.carry({("c", "d"): Fraction(10**13)}, {})
+    assert quantities == {("c", "d"): 10**13} and remainders == {("c", "d"): 0}
+
+
+def test_records_are_grouped_by_contract_and_skip_zeros():
+    hour = at("2026-02-10T14:00Z")
+    records = mp.metering_records(hour, "azure", {("c-2", "b"): 3, ("c-1", "z"): 0, ("c-1", "a"): 12})
+    assert records == [
+        {"cloud": "azure", "contract_id": "c-1", "dimension": "a", "start_time": "2026-02-10T14:00:00Z",
+         "end_time": "2026-02-10T15:00:00Z", "quantity": "12"},
+        {"cloud": "azure", "contract_id": "c-2", "dimension": "b", "start_time": "2026-02-10T14:00:00Z",
+         "end_time": "2026-02-10T15:00:00Z", "quantity": "3"},
+    ]
+
+
+# --- Clazar's answers ----------------------------------------------------------------------------
+
+
+RECORD = {"contract_id": "c-1", "dimension": "d", "quantity": "3"}
+
+
+@pytest.mark.parametrize("entry, outcome", [
+    ({"status": "success", "id": "x", "contract_id": "c-1", "dimension": "d"}, mp.DELIVERED),
+    ({"status": "fail", "errors": ["Metering record with same contract_id, dimension and same hour already exists"]},
+     mp.ALREADY_DELIVERED),
+    ({"status": "fail", "errors": [{"message": "Record already exists"}]}, mp.ALREADY_DELIVERED),
+    ({"status": "failed", "message": "A record with the SAME CONTRACT_ID for the same hour exists"}, mp.ALREADY_DELIVERED),
+    ({"status": "fail"}, mp.REJECTED),
+    ({"status": "fail", "errors": ["Contract not found"]}, mp.REJECTED),
+    ({"status": "pending"}, mp.REJECTED),
+])
+def test_classify_result(entry, outcome):
+    assert mp.classify_result(RECORD, entry).outcome == outcome
+
+
+def test_a_result_for_another_record_fails_the_batch():
+    with pytest.raises(mp.ClazarError, match="echoes contract_id"):
+        mp.classify_result(RECORD, {"status": "success", "contract_id": "c-2"})
+    with pytest.raises(mp.ClazarError, match="2 results for 1 records"):
+        mp.read_results([RECORD], {"results": [{"status": "success"}] * 2})
+    with pytest.raises(mp.ClazarError, match="no results"):
+        mp.read_results([RECORD], {"detail": "ok"})
+
+
+def test_batches():
+    assert [len(b) for b in mp.batches(list(range(51)), 25)] == [25, 25, 1]
+
+
+# --- state --------------------------------------------------------------------------------------
+
+
+def test_service_state_round_trip_and_commit():
+    pending = mp.PendingHour(at("2026-01-01T05:00Z"), ({"contract_id": "c", "dimension": "d", "quantity": "2"},),
+                             {("c", "d"): Fraction(1, 3)}, 2)
+    state = mp.ServiceState.from_json({"last_processed_hour": "2026-01-01T04:00:00Z", "custom": 1}, "e")
+    pending_state = mp.ServiceState.from_json(state.with_pending(pending).to_json(), "e")
+    assert pending_state.pending == pending
+    done = pending_state.committed(pending, [{"contract_id": "c"}]).to_json()
+    assert done == {"last_processed_hour": "2026-01-01T05:00:00Z", "remainders": {"c": {"d": "1/3"}},
+                    "rejected": [{"contract_id": "c"}], "custom": 1}
+
+
+@pytest.mark.parametrize("entry", [
+    [], {"last_processed_hour": "2026-01-01T04:30:00Z"}, {"remainders": {"c": {"d": "-1/2"}}},
+    {"remainders": {"c": "1/2"}}, {"pending_hour": {"hour": "x", "records": []}},
+    {"pending_hour": {"hour": "2026-01-01T04:00:00Z", "records": [{"contract_id": "c", "dimension": "d", "quantity": "1.5"}]}},
+    {"rejected": {}},
+])
+def test_corrupt_entries_are_refused(entry):
+    with pytest.raises(mp.StateError):
+        mp.ServiceState.from_json(entry, "e")
+
+
+def test_local_state_is_written_atomically_with_owner_only_mode(tmp_path):
+    store = mp.LocalStateStore(str(tmp_path / "state.json"))
+    assert store.load() == {}
+    os.umask(0o022)
+    store.save({"A:B:C": {"last_processed_hour": "2026-01-01T00:00:00Z"}})
+    assert stat.S_IMODE((tmp_path / "state.json").stat().st_mode) == 0o600
+    assert store.load() == {"A:B:C": {"last_processed_hour": "2026-01-01T00:00:00Z"}}
+    assert [p.name for p in tmp_path.iterdir()] == ["state.json"]
+
+
+def test_local_lock_is_exclusive_and_released(tmp_path):
+    first, second = mp.LocalStateStore(str(tmp_path / "s.json")), mp.LocalStateStore(str(tmp_path / "s.json"))
+    first.acquire()
+    assert stat.S_IMODE((tmp_path / "s.json.lock").stat().st_mode) == 0o600
+    with pytest.raises(mp.LockHeld, match="another run holds the lock"):
+        second.acquire()
+    first.release()
+    second.acquire()
+    second.release()
+
+
+def test_exact_number():
+    assert mp._exact_number(True) is None and mp._exact_number("1") is None
+    assert mp._exact_number(Decimal("NaN")) is None
+    assert mp._exact_number(Decimal("2.50")) == Fraction(5, 2)
