@@ -112,12 +112,23 @@ class ClazarStandIn:
         self.server = ThreadingHTTPServer(("127.0.0.1", port), self._handler_class())
         self.server.daemon_threads = True
         self.thread: threading.Thread | None = None
+        self.scheme = "http"
+
+    def use_tls(self, certificate: str, key: str) -> ClazarStandIn:
+        """Serve HTTPS with the given certificate (call before start)."""
+        import ssl
+
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(certificate, key)
+        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
+        self.scheme = "https"
+        return self
 
     # --- lifecycle ---------------------------------------------------------
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
 
     @property
     def metering_url(self) -> str:
