@@ -913,7 +913,10 @@ def billable_amounts(usage: HourUsage, formulas: Sequence[Formula]) -> dict[tupl
     amounts = {}
     for contract in sorted(per_contract):
         for formula in formulas:
-            value = formula.evaluate(per_contract[contract])
+            try:
+                value = formula.evaluate(per_contract[contract])
+            except FormulaError as error:
+                raise FormulaError(f"{error} for contract {contract} in hour {display_hour(usage.hour)}") from None
             if value < 0:
                 raise FormulaError(
                     f"{formula.variable} ({formula.name}) is negative ({value}) for contract {contract} "
@@ -1795,6 +1798,18 @@ def _help_epilog() -> str:
     lines = ["environment variables (default in brackets):"]
     lines += [f"  {name:<{width}}  {meaning} [{default}]" for name, default, meaning in SETTINGS]
     lines += [
+        "",
+        "billing dimensions by formula (when any DIMENSION<n>_* is set, only these are sent):",
+        "  names:    each Omnistrate dimension (summed per contract and hour, 0 when absent) and",
+        "            <dimension>_total_price (sum of value x pricePerUnit, a missing price counts 0)",
+        "  grammar:  numbers, names, + - * / // % **, parentheses, unary minus, min, max, abs, round;",
+        "            ** takes a whole-number literal exponent from -64 to 64; arithmetic is exact",
+        "  examples: DIMENSION1_NAME=memory_gib_hours",
+        "            DIMENSION1_FORMULA=memory_byte_hours / 1073741824",
+        "            DIMENSION2_NAME=compute_units",
+        "            DIMENSION2_FORMULA=cpu_core_hours * 2 + memory_byte_hours / 1024**3",
+        "            DIMENSION3_NAME=usage_cents",
+        "            DIMENSION3_FORMULA=(cpu_core_hours_total_price + memory_byte_hours_total_price) / 0.01",
         "",
         "exit codes: 0 done, 1 an hour failed or a record was rejected, 2 configuration error,",
         "            3 another run holds the lock, 4 the state could not be read or written",
