@@ -29,6 +29,7 @@ import dataclasses
 import errno
 import fcntl
 import io
+import itertools
 import json
 import logging
 import math
@@ -107,12 +108,14 @@ SETTINGS = (
     ("CLAZAR_API_URL", DEFAULT_API_URL, "metering endpoint"),
     ("CLAZAR_AUTH_URL", "origin of CLAZAR_API_URL + /authenticate/", "token endpoint"),
     ("CLAZAR_BATCH_SIZE", "25", "records per request"),
+    ("CLAZAR_CONCURRENCY", "4", "requests in flight at once"),
     ("CLAZAR_MAX_RETRIES", "5", "retries per request on errors, 429 and 5xx"),
     ("CLAZAR_TIMEOUT_SECONDS", "20", "read timeout of one request"),
     ("CLAZAR_BACKOFF_SECONDS", "1", "backoff factor: waits 0, 2x, 4x, 8x ... this"),
     ("CLAZAR_RETRY_AFTER_MAX_SECONDS", "60", "longest Retry-After honoured"),
     ("STATE_FILE_PATH", "./metering_state.json", "state document: a path or s3://bucket/key"),
     ("STATE_LOCK_TTL_SECONDS", "900", "lease of an S3 state lock; renewed while running"),
+    ("S3_READ_CONCURRENCY", "16", "export files read at once"),
     ("MAX_HOURS_PER_RUN", "24", "hours per service per run"),
     ("START_HOUR", "current hour - 24 h", "first hour of a service with no state"),
     ("EXPORT_MARKER_LAG_MINUTES", "0", "extra wait after the marker declares an hour final"),
@@ -153,12 +156,14 @@ class Config:
     api_url: str
     auth_url: str
     batch_size: int
+    send_concurrency: int
     max_retries: int
     timeout_seconds: float
     backoff_seconds: float
     retry_after_max_seconds: float
     state_path: str
     lock_ttl_seconds: int
+    read_concurrency: int
     max_hours_per_run: int
     start_hour: datetime | None
     marker_lag: timedelta
@@ -345,12 +350,14 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None) -> C
         api_url=api_url,
         auth_url=auth_url,
         batch_size=env.integer("CLAZAR_BATCH_SIZE", 25, 1, 1000),
+        send_concurrency=env.integer("CLAZAR_CONCURRENCY", 4, 1, 64),
         max_retries=env.integer("CLAZAR_MAX_RETRIES", 5, 0, 20),
         timeout_seconds=env.number("CLAZAR_TIMEOUT_SECONDS", 20.0, 0.1),
         backoff_seconds=env.number("CLAZAR_BACKOFF_SECONDS", 1.0, 0.0),
         retry_after_max_seconds=env.number("CLAZAR_RETRY_AFTER_MAX_SECONDS", 60.0, 0.0),
         state_path=_state_path(env.text("STATE_FILE_PATH", "./metering_state.json")),
         lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 5),
+        read_concurrency=env.integer("S3_READ_CONCURRENCY", 16, 1, 256),
         max_hours_per_run=env.integer("MAX_HOURS_PER_RUN", 24, 1),
         start_hour=start_hour,
         marker_lag=timedelta(minutes=env.integer("EXPORT_MARKER_LAG_MINUTES", 0, 0, 24 * 60)),
@@ -509,12 +516,20 @@ def _error_code(error: Exception) -> str:
 
 
 class ExportSource:
-    """Reads the Omnistrate export of one bucket. The only code that touches it."""
+    """Reads the Omnistrate export of one bucket. The only code that touches it.
+
+    Reads share one pool of ``workers`` threads over one boto3 client whose
+    connection pool is as large, however many hours are being read at once.
+    """
 
     def __init__(self, client: Any, bucket: str, workers: int = 16):
         self.client = client
         self.bucket = bucket
         self.workers = workers
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="s3-read")
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
 
     def read_marker(self) -> ExportMarker | None:
         """The completion marker, or None if the bucket has none.
@@ -554,26 +569,25 @@ class ExportSource:
     def read_all(self, keys: Sequence[str]) -> Iterator[tuple[str, bytes]]:
         """Yield (key, body) for every key, read concurrently, in completion order.
 
-        At most twice the pool size of bodies are in flight or waiting, so memory
-        stays bounded however many files an hour holds. The first failure is raised
-        and the reads still queued are cancelled.
+        At most twice the pool size of reads are queued, in flight or waiting to be
+        taken, so memory stays bounded however many files an hour holds. The first
+        failure is raised and the reads still queued are cancelled.
         """
-        window = max(1, 2 * self.workers)
-        with concurrent.futures.ThreadPoolExecutor(self.workers, thread_name_prefix="s3-read") as pool:
-            pending: set[concurrent.futures.Future] = set()
-            remaining = iter(keys)
-            try:
-                for key in remaining:
-                    pending.add(pool.submit(lambda k=key: (k, self.read(k))))
-                    if len(pending) >= window:
-                        done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                        for future in done:
-                            yield future.result()
-                for future in concurrent.futures.as_completed(pending):
-                    yield future.result()
-            finally:
-                for future in pending:
-                    future.cancel()
+        window = 2 * self.workers
+        pending: set[concurrent.futures.Future] = set()
+        try:
+            for key in keys:
+                pending.add(self._pool.submit(lambda k=key: (k, self.read(k))))
+                if len(pending) >= window:
+                    done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
+                    for future in done:
+                        yield future.result()
+            for future in concurrent.futures.as_completed(pending):
+                pending.discard(future)
+                yield future.result()
+        finally:
+            for future in pending:
+                future.cancel()
 
 
 # ---------------------------------------------------------------------------
@@ -597,13 +611,19 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a number JSON allows")
 
 
-def _exact_number(value: Any) -> Fraction | None:
-    """The exact value of a JSON number (floats arrive as Decimal), or None if not a number."""
+def _exact_number(value: Any) -> int | Fraction | None:
+    """The exact value of a JSON number (floats arrive as Decimal), or None if not a number.
+
+    Whole numbers stay ints: an hour of 5,000 files holds 40,000 of them.
+    """
     if isinstance(value, bool) or not isinstance(value, (int, Decimal)):
         return None
-    if isinstance(value, Decimal) and not value.is_finite():
+    if isinstance(value, int):
+        return value
+    if not value.is_finite():
         return None
-    return Fraction(value)
+    exact = Fraction(value)
+    return exact.numerator if exact.denominator == 1 else exact
 
 
 def _identity_part(value: Any) -> Any:
@@ -614,7 +634,7 @@ def _identity_part(value: Any) -> Any:
 class FileUsage:
     """What one export file contributes to its hour, reduced to what billing needs."""
 
-    rows: list[tuple[tuple, str, str, Fraction, Fraction]]
+    rows: list[tuple[tuple, str, str, int | Fraction, int | Fraction]]
     records: int = 0
     unattributable: int = 0
     unattributed_subscriptions: set[str] = field(default_factory=set)
@@ -653,7 +673,7 @@ def parse_export_file(key: str, body: bytes, *, with_prices: bool = False) -> Fi
         if value is None or value < 0 or value > MAX_VALUE:
             shown = json.dumps(record.get("value"), default=str)[:40]
             raise ExportFileError(f"{where}: value {shown} is not a finite non-negative number within 64 bits")
-        price = Fraction(0)
+        price: int | Fraction = 0
         if with_prices and record.get("pricePerUnit") is not None:
             unit_price = _exact_number(record["pricePerUnit"])
             if unit_price is None or unit_price < 0:
@@ -687,40 +707,46 @@ class HourUsage:
     """
 
     hour: datetime
+    prefix: str = ""
     files: int = 0
     records: int = 0
+    ignored: list[str] = field(default_factory=list)
     unattributable: int = 0
     unattributed_subscriptions: set[str] = field(default_factory=set)
     repeated: int = 0
     fractional: int = 0
-    rows: dict[tuple, tuple[str, str, Fraction, Fraction]] = field(default_factory=dict)
+    rows: dict[tuple, tuple[str, str, int | Fraction, int | Fraction]] = field(default_factory=dict)
+    # One copy of each distinct string: identities repeat their parts row after row.
+    _shared: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def add(self, usage: FileUsage) -> None:
+        share = self._shared.setdefault
         self.files += 1
         self.records += usage.records
         self.unattributable += usage.unattributable
         self.unattributed_subscriptions |= usage.unattributed_subscriptions
         self.fractional += usage.fractional
         for identity, contract, dimension, value, price in usage.rows:
+            identity = tuple(share(part, part) for part in identity)
             seen = self.rows.get(identity)
             if seen is not None:
                 self.repeated += 1
                 if seen[2] >= value:
                     continue
-            self.rows[identity] = (contract, dimension, value, price)
+            self.rows[identity] = (share(contract, contract), share(dimension, dimension), value, price)
 
-    def totals(self) -> dict[tuple[str, str], Fraction]:
+    def totals(self) -> dict[tuple[str, str], int | Fraction]:
         """Exact usage per (contract, dimension)."""
-        totals: dict[tuple[str, str], Fraction] = {}
+        totals: dict[tuple[str, str], int | Fraction] = {}
         for contract, dimension, value, _ in self.rows.values():
-            totals[contract, dimension] = totals.get((contract, dimension), Fraction(0)) + value
+            totals[contract, dimension] = totals.get((contract, dimension), 0) + value
         return totals
 
-    def price_totals(self) -> dict[tuple[str, str], Fraction]:
+    def price_totals(self) -> dict[tuple[str, str], int | Fraction]:
         """Exact sum of value x pricePerUnit per (contract, dimension)."""
-        totals: dict[tuple[str, str], Fraction] = {}
+        totals: dict[tuple[str, str], int | Fraction] = {}
         for contract, dimension, _, price in self.rows.values():
-            totals[contract, dimension] = totals.get((contract, dimension), Fraction(0)) + price
+            totals[contract, dimension] = totals.get((contract, dimension), 0) + price
         return totals
 
 
@@ -934,14 +960,16 @@ def carry(
     quantity = floor(amount + carried remainder); the new remainder is what is left
     (in [0, 1)). Over any run of hours the billed units are the whole part of the
     true total: never more than used, never a full unit short.
-    Returns (quantities, remainder updates) for the keys of ``amounts`` only.
+    Returns (quantities for the keys of ``amounts``, the remainders that changed).
     """
     quantities, updates = {}, {}
     for key, amount in amounts.items():
-        total = amount + remainders.get(key, Fraction(0))
+        carried = remainders.get(key, 0)
+        total = amount + carried
         whole = math.floor(total)
         quantities[key] = whole
-        updates[key] = total - whole
+        if total - whole != carried:
+            updates[key] = total - whole
     return quantities, updates
 
 
@@ -1071,9 +1099,10 @@ class ClazarClient:
         self.config = config
         self.clock = clock
         self.session = session or requests.Session()
-        adapter = HTTPAdapter(max_retries=_retry_policy(config), pool_maxsize=8)
+        adapter = HTTPAdapter(max_retries=_retry_policy(config), pool_maxsize=config.send_concurrency)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
+        self._senders = concurrent.futures.ThreadPoolExecutor(config.send_concurrency, thread_name_prefix="clazar-send")
         self._token: str | None = None
         self._token_expires = 0.0
         self._lock = threading.Lock()
@@ -1132,6 +1161,23 @@ class ClazarClient:
         with self._lock:
             if self._token == token:
                 self._token = None
+
+    def deliver(self, records: Sequence[Mapping[str, str]]) -> list[RecordResult]:
+        """Send ``records`` in batches, several at once, and return each one's result in order.
+
+        Every batch is tried even when another fails; then the first failure is
+        raised (the hour stays pending and is resent whole, which is safe).
+        """
+        futures = [self._senders.submit(self.submit, batch) for batch in batches(records, self.config.batch_size)]
+        concurrent.futures.wait(futures)
+        for future in futures:
+            if future.exception() is not None:
+                raise future.exception()
+        return [result for future in futures for result in future.result()]
+
+    def close(self) -> None:
+        self._senders.shutdown(wait=True)
+        self.session.close()
 
     def submit(self, records: Sequence[Mapping[str, str]]) -> list[RecordResult]:
         """Send one batch and read Clazar's verdict on each record.
@@ -1194,7 +1240,7 @@ class PendingHour:
     def to_json(self) -> dict[str, Any]:
         return {
             "hour": format_time(self.hour),
-            "records": [dict(record) for record in self.records],
+            "records": list(self.records),
             "remainders": _remainders_to_json(self.remainders),
             "unattributable": self.unattributable,
         }
@@ -1320,7 +1366,11 @@ def parse_state(body: bytes, where: str) -> dict[str, Any]:
 
 
 def dump_state(document: Mapping[str, Any]) -> bytes:
-    return (json.dumps(document, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    """One service entry per line: readable, and encoded by json's C encoder
+    (indent would switch to the pure-Python one, several times slower and larger
+    in memory for an hour of 20,000 pending records)."""
+    lines = [f"{json.dumps(key)}: {json.dumps(document[key], sort_keys=True)}" for key in sorted(document)]
+    return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
 
 
 def _write_lock_owner(handle: io.TextIOBase) -> None:
@@ -1637,6 +1687,7 @@ class Exporter:
         self.clazar = clazar
         self.book = book
         self.clock = clock
+        self.with_prices = any(PRICE_SUFFIX in formula.text for formula in config.formulas)
 
     def run(self) -> list[ServiceReport]:
         """Export every service; one service failing does not stop the others.
@@ -1687,26 +1738,48 @@ class Exporter:
         report.behind = hours_between(first, due_end(now, final_before))
         if not hours:
             log.info("No hour of %s is due: the next, %s, is not final yet", service.label, display_hour(first))
-        for index, hour in enumerate(hours, 1):
-            log.info("Processing hour %d/%d: %s", index, len(hours), display_hour(hour))
-            state = self._export_hour(service, state, hour, report)
-            report.behind -= 1
+        with contextlib.closing(self._read_ahead(service, hours)) as usages:
+            for index, usage in enumerate(usages, 1):
+                log.info("Processing hour %d/%d: %s", index, len(hours), display_hour(usage.hour))
+                state = self._export_hour(service, state, usage, report)
+                report.behind -= 1
+
+    def _read_ahead(self, service: ServiceKey, hours: Sequence[datetime]) -> Iterator[HourUsage]:
+        """Each hour's usage, in order, while the next hour is already being read.
+
+        Reading ahead only reads: the carry, the pending hour and the commit are
+        applied by the caller strictly in order, so a failure at hour H leaves every
+        hour after it untouched. One hour ahead keeps memory at two hours' rows.
+        """
+        upcoming = iter(hours)
+        with concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="read-ahead") as ahead:
+            queued = [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
+            try:
+                while queued:
+                    usage = queued.pop(0).result()
+                    queued += [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
+                    yield usage
+            finally:
+                for future in queued:
+                    future.cancel()
 
     def _read_hour(self, service: ServiceKey, hour: datetime) -> HourUsage:
-        prefix = hour_prefix(service, hour)
-        keys, ignored = self.source.list_hour(prefix)
-        log.info("Found %d subscription files in %s", len(keys), prefix)
-        if ignored:
-            log.warning("Ignored %d object(s) in %s that are not .json files, e.g. %s", len(ignored), prefix, ignored[0])
-        usage = HourUsage(hour)
-        with_prices = any(PRICE_SUFFIX in formula.text for formula in self.config.formulas)
+        usage = HourUsage(hour, prefix=hour_prefix(service, hour))
+        keys, usage.ignored = self.source.list_hour(usage.prefix)
         for key, body in self.source.read_all(keys):
-            usage.add(parse_export_file(key, body, with_prices=with_prices))
+            usage.add(parse_export_file(key, body, with_prices=self.with_prices))
         return usage
 
-    def _export_hour(self, service: ServiceKey, state: ServiceState, hour: datetime, report: ServiceReport) -> ServiceState:
-        usage = self._read_hour(service, hour)
+    def _export_hour(self, service: ServiceKey, state: ServiceState, usage: HourUsage, report: ServiceReport) -> ServiceState:
+        hour = usage.hour
+        log.info("Found %d subscription files in %s", usage.files, usage.prefix)
+        if usage.ignored:
+            log.warning("Ignored %d object(s) in %s that are not .json files, e.g. %s",
+                        len(usage.ignored), usage.prefix, usage.ignored[0])
         amounts = billable_amounts(usage, self.config.formulas)
+        # The rows are summed; drop them before the slow part, sending, while the
+        # next hour is being read, so only one hour's rows are ever held.
+        usage.rows = {}
         quantities, remainders = carry(amounts, state.remainders)
         records = metering_records(hour, self.config.cloud, quantities)
         log.info("Aggregated %d records into %d entries", usage.records, len(amounts))
@@ -1718,8 +1791,8 @@ class Exporter:
                         display_hour(hour), usage.fractional)
         if usage.unattributable:
             subscriptions = sorted(usage.unattributed_subscriptions)
-            log.warning("Hour %s: %d record(s) from %d subscription(s) have no externalPayerId or dimension and are not sent: %s",
-                        display_hour(hour), usage.unattributable, len(subscriptions),
+            log.warning("Hour %s: %d record(s) from %d subscription(s) have no externalPayerId or dimension "
+                        "and are not sent: %s", display_hour(hour), usage.unattributable, len(subscriptions),
                         ", ".join(subscriptions[:10]) + (" ..." if len(subscriptions) > 10 else ""))
         pending = PendingHour(hour, tuple(records), remainders, usage.unattributable)
         return self._deliver(service, state, pending, report)
@@ -1743,10 +1816,8 @@ class Exporter:
         rejected = []
         if records:
             log.info("Sending %d metering records to Clazar", len(records))
-            for batch in batches(records, self.config.batch_size):
-                results = self.clazar.submit(batch)
-                for record, result in zip(batch, results):
-                    rejected += self._account(record, result, report, replay)
+            for record, result in zip(records, self.clazar.deliver(records)):
+                rejected += self._account(record, result, report, replay)
             if not rejected:
                 log.info("Successfully sent data to Clazar")
         state = state.committed(pending, rejected)
@@ -1865,18 +1936,19 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         return EXIT_CONFIG
     configure_logging(config.log_level)
     redact(config.client_secret)
-    workers = 16
-    client = s3_client(workers)
+    client = s3_client(config.read_concurrency)
     store = open_state_store(config, client)
     try:
         if not config.dry_run:
             store.acquire()
+        source = ExportSource(client, config.bucket, config.read_concurrency)
+        clazar = None if config.dry_run else ClazarClient(config)
         try:
-            book = StateBook(store)
-            source = ExportSource(client, config.bucket, workers)
-            clazar = None if config.dry_run else ClazarClient(config)
-            reports = Exporter(config, source, clazar, book).run()
+            reports = Exporter(config, source, clazar, StateBook(store)).run()
         finally:
+            source.close()
+            if clazar is not None:
+                clazar.close()
             store.release()
     except (StateError, LockHeld) as error:
         log.error("%s", error)

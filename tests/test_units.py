@@ -211,7 +211,9 @@ def test_carry_bills_whole_units_and_keeps_the_rest():
     quantities, remainders = mp.carry({("c", "d"): Fraction(1, 2)}, {("c", "d"): Fraction(3, 4)})
     assert quantities == {("c", "d"): 1} and remainders == {("c", "d"): Fraction(1, 4)}
     quantities, remainders = mp.carry({("c", "d"): Fraction(10**13)}, {})
-    assert quantities == {("c", "d"): 10**13} and remainders == {("c", "d"): 0}
+    assert quantities == {("c", "d"): 10**13} and remainders == {}, "only remainders that change are returned"
+    quantities, remainders = mp.carry({("c", "d"): Fraction(1, 2)}, {("c", "d"): Fraction(1, 2)})
+    assert quantities == {("c", "d"): 1} and remainders == {("c", "d"): 0}
 
 
 def test_records_are_grouped_by_contract_and_skip_zeros():
