@@ -274,6 +274,8 @@ class ClazarStandIn:
             def do_POST(self) -> None:
                 length = int(self.headers.get("Content-Length", 0))
                 raw = self.rfile.read(length)
+                if len(raw) < length:
+                    return self._drop()  # the client died mid-request (a test killed it): nothing arrived
                 if standin.delay:
                     time.sleep(standin.delay)
                 try:

@@ -134,23 +134,26 @@ def test_rejected_records_are_kept_not_resent_and_the_rest_goes_through(harness,
 # --- S3 faults ---------------------------------------------------------------------------
 
 
-def _through_proxy(harness):
-    proxy = TCPProxy(harness.seaweed.s3_port)
+def _through_proxy(harness, delay: float = 0.0):
+    proxy = TCPProxy(harness.seaweed.s3_port, delay=delay)
     harness.env["AWS_ENDPOINT_URL_S3"] = proxy.endpoint
     return proxy
 
 
 def test_s3_going_away_mid_run_fails_the_service_and_the_rerun_completes(harness, hours):
     expected = write_dataset(harness, hours)
-    proxy = _through_proxy(harness)
+    # Each S3 request takes half a second, so the third hour's listing, sent when
+    # the first hour is taken up, is still on its way when S3 goes away.
+    proxy = _through_proxy(harness, delay=0.5)
     # S3 disappears while the first hour is being sent: the first hour is committed
-    # locally (and the second too if it was read ahead in time); a later one cannot be listed.
+    # locally (and the second too, read ahead in time); a later one cannot be listed.
     harness.clazar.faults.append(call(lambda records: proxy.cut()))
     faulty = run(harness, hours, CLAZAR_BATCH_SIZE="25")
     assert faulty.returncode == 1, faulty.output
     assert "cannot list s3://" in faulty.output
     assert harness.entry()["last_processed_hour"] in (iso(hours[0]), iso(hours[1]))
     proxy.restore()
+    proxy.delay = 0
     clean = run(harness, hours)
     assert clean.returncode == 0, clean.output
     check(harness, hours, expected, [faulty.output, clean.output])
