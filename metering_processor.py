@@ -25,6 +25,7 @@ import argparse
 import ast
 import concurrent.futures
 import contextlib
+import contextvars
 import dataclasses
 import errno
 import fcntl
@@ -83,6 +84,10 @@ class ConfigError(MeteringError):
 
 DEFAULT_API_URL = "https://api.clazar.io/metering/"
 CLOUDS = ("aws", "azure", "gcp")
+# How long after an hour each marketplace still accepts its usage: AWS refuses
+# usage 6 hours or more after the fact, Azure takes the past 24 hours; GCP is
+# the strictest commonly quoted.
+LATENESS_WINDOWS = {"aws": 6, "azure": 24, "gcp": 1}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Omnistrate's documented dimensions. Formulas may name these (and any listed in
@@ -119,8 +124,11 @@ SETTINGS = (
     ("MAX_HOURS_PER_RUN", "24", "hours per service per run"),
     ("START_HOUR", "current hour - 24 h", "first hour of a service with no state"),
     ("EXPORT_MARKER_LAG_MINUTES", "0", "extra wait after the marker declares an hour final"),
+    ("LATENESS_WINDOW_HOURS", "aws 6, azure 24, gcp 1", "warn when an hour is sent later than this after it ended"),
     ("DRY_RUN", "false", "true: read and print, send and save nothing"),
     ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
+    ("LOG_FORMAT", "text", "text, or json: one object per line"),
+    ("METRICS_FILE", "(unset)", "Prometheus textfile written at the end of each run"),
     ("OMNISTRATE_DIMENSIONS", ",".join(OMNISTRATE_DIMENSIONS), "names formulas may use"),
     ("DIMENSION<n>_NAME", "(unset)", "billing dimension n sent to Clazar"),
     ("DIMENSION<n>_FORMULA", "(unset)", "its formula over Omnistrate dimensions"),
@@ -167,8 +175,11 @@ class Config:
     max_hours_per_run: int
     start_hour: datetime | None
     marker_lag: timedelta
+    lateness_window: timedelta
     dry_run: bool
     log_level: str
+    log_format: str
+    metrics_file: str | None
     source_dimensions: tuple[str, ...]
     formulas: tuple[Formula, ...]
 
@@ -291,11 +302,11 @@ def _state_path(path: str) -> str:
     return path
 
 
-def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None) -> Config:
+def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, sends: bool = True) -> Config:
     """Read every setting from ``environ``. Raises ConfigError naming the first bad variable.
 
     ``dry_run`` from the command line overrides ``DRY_RUN``. A dry run needs no
-    Clazar credentials, and sends none.
+    Clazar credentials, and sends none; nor does a command that never ``sends``.
     """
     env = _Environment(environ)
     bucket = env.required("S3_BUCKET_NAME")
@@ -312,17 +323,18 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None) -> C
         parse_service_keys(services[0].key, "SERVICE_NAME/ENVIRONMENT_TYPE/PLAN_ID")
 
     is_dry_run = env.flag("DRY_RUN", False) if dry_run is None else dry_run
-    if is_dry_run:
+    if is_dry_run or not sends:
         client_id = env.text("CLAZAR_CLIENT_ID", "")
         client_secret = env.text("CLAZAR_CLIENT_SECRET", "")
     else:
         client_id = env.required("CLAZAR_CLIENT_ID", "is required to send (or use --dry-run)")
         client_secret = env.required("CLAZAR_CLIENT_SECRET", "is required to send (or use --dry-run)")
 
-    api_url = _check_url("CLAZAR_API_URL", env.text("CLAZAR_API_URL", DEFAULT_API_URL), not is_dry_run)
+    credentials_travel = sends and not is_dry_run
+    api_url = _check_url("CLAZAR_API_URL", env.text("CLAZAR_API_URL", DEFAULT_API_URL), credentials_travel)
     origin = urlsplit(api_url)
     auth_url = env.text("CLAZAR_AUTH_URL", f"{origin.scheme}://{origin.netloc}/authenticate/")
-    auth_url = _check_url("CLAZAR_AUTH_URL", auth_url, not is_dry_run)
+    auth_url = _check_url("CLAZAR_AUTH_URL", auth_url, credentials_travel)
 
     start_text = env.text("START_HOUR")
     start_hour = None
@@ -341,12 +353,13 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None) -> C
         if not name.isidentifier():
             raise ConfigError("OMNISTRATE_DIMENSIONS", f"{name!r} is not a valid dimension name")
 
+    cloud = env.choice("CLAZAR_CLOUD", "aws", CLOUDS)
     return Config(
         bucket=bucket,
         services=services,
         client_id=client_id,
         client_secret=client_secret,
-        cloud=env.choice("CLAZAR_CLOUD", "aws", CLOUDS),
+        cloud=cloud,
         api_url=api_url,
         auth_url=auth_url,
         batch_size=env.integer("CLAZAR_BATCH_SIZE", 25, 1, 1000),
@@ -361,8 +374,11 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None) -> C
         max_hours_per_run=env.integer("MAX_HOURS_PER_RUN", 24, 1),
         start_hour=start_hour,
         marker_lag=timedelta(minutes=env.integer("EXPORT_MARKER_LAG_MINUTES", 0, 0, 24 * 60)),
+        lateness_window=timedelta(hours=env.integer("LATENESS_WINDOW_HOURS", LATENESS_WINDOWS[cloud], 1, 24 * 400)),
         dry_run=is_dry_run,
         log_level=env.choice("LOG_LEVEL", "INFO", LOG_LEVELS, upper=True),
+        log_format=env.choice("LOG_FORMAT", "text", ("text", "json")),
+        metrics_file=env.text("METRICS_FILE"),
         source_dimensions=source_dimensions,
         formulas=load_formulas(environ, source_dimensions),
     )
@@ -1296,9 +1312,11 @@ class ServiceState:
     remainders: Mapping[tuple[str, str], Fraction] = field(default_factory=dict)
     pending: PendingHour | None = None
     rejected: tuple[Mapping[str, Any], ...] = ()
+    last_run: Mapping[str, Any] | None = None
+    last_success_at: datetime | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    KNOWN = ("last_processed_hour", "remainders", "pending_hour", "rejected")
+    KNOWN = ("last_processed_hour", "remainders", "pending_hour", "rejected", "last_run", "last_success_at")
 
     @classmethod
     def from_json(cls, entry: Any, where: str) -> ServiceState:
@@ -1315,13 +1333,24 @@ class ServiceState:
                 raise StateError(f"{where}: last_processed_hour {format_time(last)} is not a whole hour")
         pending = entry.get("pending_hour")
         rejected = entry.get("rejected", [])
-        if not isinstance(rejected, list):
-            raise StateError(f"{where}: rejected is not a list")
+        if not isinstance(rejected, list) or not all(isinstance(item, dict) for item in rejected):
+            raise StateError(f"{where}: rejected is not a list of objects")
+        last_run = entry.get("last_run")
+        if last_run is not None and not isinstance(last_run, dict):
+            raise StateError(f"{where}: last_run is not an object")
+        last_success = entry.get("last_success_at")
+        if last_success is not None:
+            try:
+                last_success = parse_utc(last_success)
+            except ValueError:
+                raise StateError(f"{where}: last_success_at {last_success!r} is not a UTC time") from None
         return cls(
             last_processed_hour=last,
             remainders=_remainders_from_json(entry.get("remainders", {}), where),
             pending=PendingHour.from_json(pending, where) if pending is not None else None,
             rejected=tuple(rejected),
+            last_run=last_run,
+            last_success_at=last_success,
             extra={name: value for name, value in entry.items() if name not in cls.KNOWN},
         )
 
@@ -1333,6 +1362,10 @@ class ServiceState:
         if self.pending is not None:
             entry["pending_hour"] = self.pending.to_json()
         entry["rejected"] = [dict(item) for item in self.rejected]
+        if self.last_run is not None:
+            entry["last_run"] = dict(self.last_run)
+        if self.last_success_at is not None:
+            entry["last_success_at"] = format_time(self.last_success_at)
         return entry
 
     def with_pending(self, pending: PendingHour) -> ServiceState:
@@ -1348,8 +1381,13 @@ class ServiceState:
             rejected=self.rejected + tuple(rejected),
         )
 
-    def with_extra(self, **values: Any) -> ServiceState:
-        return dataclasses.replace(self, extra={**self.extra, **values})
+    def with_run(self, run: Mapping[str, Any], at: datetime, succeeded: bool) -> ServiceState:
+        """The state with this run's summary recorded, for ``status`` and the metrics."""
+        return dataclasses.replace(self, last_run=dict(run),
+                                   last_success_at=at if succeeded else self.last_success_at)
+
+    def with_rejected(self, rejected: Iterable[Mapping[str, Any]]) -> ServiceState:
+        return dataclasses.replace(self, rejected=tuple(rejected))
 
 
 def parse_state(body: bytes, where: str) -> dict[str, Any]:
@@ -1644,11 +1682,39 @@ def redact(secret: str | None) -> None:
 
 
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
+# The service and hour being worked on, for JSON log lines.
+_SERVICE_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("metering_service", default=None)
+_HOUR_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("metering_hour", default=None)
 
 
-def configure_logging(level: str, stream: Any = None) -> None:
+class _Context(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.service_key = _SERVICE_CONTEXT.get()
+        record.hour = _HOUR_CONTEXT.get()
+        return True
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time, level, message, and the service key and hour when known."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {
+            "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z",
+            "level": record.levelname,
+            "message": record.getMessage(),
+        }
+        for name in ("service_key", "hour"):
+            if getattr(record, name, None):
+                entry[name.replace("_key", "")] = getattr(record, name)
+        if record.exc_info:
+            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(level: str, log_format: str = "text", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
+    handler.addFilter(_Context())
     handler.addFilter(_REDACTOR)
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -1656,6 +1722,15 @@ def configure_logging(level: str, stream: Any = None) -> None:
     # Only the exporter's own messages follow LOG_LEVEL: botocore at DEBUG logs
     # whole response bodies, and export files carry customer e-mail addresses.
     log.setLevel(level)
+
+
+@contextlib.contextmanager
+def _working_on(variable: contextvars.ContextVar, value: str) -> Iterator[None]:
+    token = variable.set(value)
+    try:
+        yield
+    finally:
+        variable.reset(token)
 
 
 @dataclass
@@ -1668,6 +1743,7 @@ class ServiceReport:
     already_delivered: int = 0
     rejected: int = 0
     unattributable: int = 0
+    late_hours: int = 0
     failure: str | None = None
     last_processed_hour: datetime | None = None
     behind: int | None = None
@@ -1675,6 +1751,15 @@ class ServiceReport:
     @property
     def ok(self) -> bool:
         return self.failure is None and self.rejected == 0
+
+    @property
+    def result(self) -> str:
+        return "failed" if self.failure else "rejected records" if self.rejected else "ok"
+
+    def to_json(self, at: datetime) -> dict[str, Any]:
+        return {"at": format_time(at), "result": self.result, "hours": self.hours, "sent": self.sent,
+                "already_delivered": self.already_delivered, "rejected": self.rejected,
+                "unattributable": self.unattributable, "late_hours": self.late_hours, "error": self.failure}
 
 
 READ_AHEAD_HOURS = 2
@@ -1710,14 +1795,18 @@ class Exporter:
         reports = []
         for service in self.config.services:
             report = ServiceReport(service)
-            try:
-                self.export_service(service, report, marker, marker_error)
-            except (StateError, LockHeld):
-                raise
-            except MeteringError as error:
-                report.failure = str(error)
-                log.error("%s: %s", service.label, error)
-            self._summarise(report)
+            with _working_on(_SERVICE_CONTEXT, service.key):
+                try:
+                    self.export_service(service, report, marker, marker_error)
+                except (StateError, LockHeld):
+                    raise
+                except MeteringError as error:
+                    report.failure = str(error)
+                    log.error("%s: %s", service.label, error)
+                self._summarise(report)
+                if not self.config.dry_run:
+                    now = self.clock()
+                    self.book.save(service.key, self.book.service(service.key).with_run(report.to_json(now), now, report.ok))
             reports.append(report)
         return reports
 
@@ -1728,7 +1817,8 @@ class Exporter:
         if state.pending is not None:
             log.warning("Resending pending hour %s of %s (%d records) left by an earlier run",
                         display_hour(state.pending.hour), service.label, len(state.pending.records))
-            state = self._deliver(service, state, state.pending, report, replay=True)
+            with _working_on(_HOUR_CONTEXT, format_time(state.pending.hour)):
+                state = self._deliver(service, state, state.pending, report, replay=True)
         report.last_processed_hour = state.last_processed_hour
         if marker_error is not None:
             raise marker_error
@@ -1743,8 +1833,9 @@ class Exporter:
             log.info("No hour of %s is due: the next, %s, is not final yet", service.label, display_hour(first))
         with contextlib.closing(self._read_ahead(service, hours)) as usages:
             for index, usage in enumerate(usages, 1):
-                log.info("Processing hour %d/%d: %s", index, len(hours), display_hour(usage.hour))
-                state = self._export_hour(service, state, usage, report)
+                with _working_on(_HOUR_CONTEXT, format_time(usage.hour)):
+                    log.info("Processing hour %d/%d: %s", index, len(hours), display_hour(usage.hour))
+                    state = self._export_hour(service, state, usage, report)
                 report.behind -= 1
 
     def _read_ahead(self, service: ServiceKey, hours: Sequence[datetime]) -> Iterator[HourUsage]:
@@ -1809,6 +1900,12 @@ class Exporter:
         request so that a crash anywhere after it resends exactly these records."""
         records = list(pending.records)
         report.unattributable += pending.unattributable
+        late_by = self.clock() - (pending.hour + HOUR)
+        if records and late_by > self.config.lateness_window:
+            report.late_hours += 1
+            log.warning("Hour %s ended %.1f hours ago, past the %s marketplace's %d-hour window: "
+                        "it may refuse to bill these %d records", display_hour(pending.hour),
+                        late_by / HOUR, self.config.cloud, self.config.lateness_window // HOUR, len(records))
         if self.config.dry_run:
             log.info("Dry run: would send %d records for hour %s", len(records), display_hour(pending.hour))
             for record in records:
@@ -1857,12 +1954,181 @@ class Exporter:
         line = (f"Finished {report.service.label}: {report.hours} hour(s) processed, {report.sent} record(s) sent, "
                 f"{report.already_delivered} already delivered, {report.rejected} rejected, "
                 f"{report.unattributable} unattributable; last processed hour {last}; {behind} hour(s) behind")
+        if report.late_hours:
+            line += f"; {report.late_hours} hour(s) sent past the marketplace's window"
         if report.failure:
             log.error("%s; FAILED: %s", line, report.failure)
         elif report.rejected:
             log.error(line)
         else:
             log.info(line)
+
+
+RECORD_FIELDS = ("cloud", "contract_id", "dimension", "start_time", "end_time", "quantity")
+
+
+def retry_selection(entry: Mapping[str, Any], contract: str | None, hour: datetime | None) -> bool:
+    """Whether a kept rejected record is one ``retry-failed`` was asked to resend."""
+    if contract is not None and entry.get("contract_id") != contract:
+        return False
+    return hour is None or entry.get("start_time") == format_time(hour)
+
+
+def retry_failed(config: Config, book: StateBook, clazar: ClazarClient | None,
+                 contract: str | None, hour: datetime | None, clock: Callable[[], datetime] = utc_now) -> int:
+    """Resend the rejected records kept in the state, per service.
+
+    A record Clazar now accepts, or answers as already there, leaves the state;
+    one it rejects again stays, with the new answer. A batch with no usable answer
+    changes nothing (exit 1). Returns the exit code.
+    """
+    code = EXIT_OK
+    for service in config.services:
+        state = book.service(service.key)
+        chosen = [entry for entry in state.rejected if retry_selection(entry, contract, hour)]
+        if not chosen:
+            continue
+        with _working_on(_SERVICE_CONTEXT, service.key):
+            records = [{name: entry[name] for name in RECORD_FIELDS} for entry in chosen]
+            if clazar is None:
+                log.info("Dry run: would resend %d rejected record(s) of %s", len(records), service.label)
+                for record in records:
+                    log.info("Dry run record: %s", json.dumps(record, sort_keys=True))
+                continue
+            log.info("Resending %d rejected record(s) of %s to Clazar", len(records), service.label)
+            try:
+                results = clazar.deliver(records)
+            except ClazarError as error:
+                log.error("%s: %s; the rejected records stay as they were", service.label, error)
+                code = EXIT_FAILED
+                continue
+            still, delivered = [], 0
+            for entry, record, result in zip(chosen, records, results):
+                if result.outcome == REJECTED:
+                    still.append({**entry, "answer": result.answer, "retried_at": format_time(clock()),
+                                  "attempts": int(entry.get("attempts", 1)) + 1})
+                    log.error("Clazar rejected contract %s dimension %s hour %s quantity %s again: %s",
+                              record["contract_id"], record["dimension"], record["start_time"], record["quantity"],
+                              json.dumps(result.answer, sort_keys=True, default=str))
+                else:
+                    delivered += 1
+            kept = [entry for entry in state.rejected if not retry_selection(entry, contract, hour)] + still
+            book.save(service.key, state.with_rejected(kept))
+            log.info("%s: %d delivered, %d still rejected", service.label, delivered, len(still))
+            if still:
+                code = EXIT_FAILED
+    return code
+
+
+def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarker | None,
+                   marker_error: MarkerError | None, config: Config, now: datetime) -> dict[str, Any]:
+    """Where one service stands, from its state and the export marker. Pure."""
+    first = first_due_hour(state.last_processed_hour, config.start_hour, now)
+    behind, marker_note = None, "absent: closed hours are due"
+    try:
+        if marker_error is not None:
+            raise marker_error
+        final_before = marker.final_before(service.key, config.marker_lag) if marker else None
+        behind = hours_between(first, due_end(now, final_before))
+        if marker is not None:
+            marker_note = f"final before {format_time(final_before)}"
+    except MarkerError as error:
+        marker_note = f"error: {error}"
+    return {
+        "service": service.key,
+        "last_processed_hour": format_time(state.last_processed_hour) if state.last_processed_hour else None,
+        "hours_behind": behind,
+        "marker": marker_note,
+        "pending_hour": format_time(state.pending.hour) if state.pending else None,
+        "pending_records": len(state.pending.records) if state.pending else 0,
+        "rejected_waiting": len(state.rejected),
+        "last_run": state.last_run,
+        "last_success_at": format_time(state.last_success_at) if state.last_success_at else None,
+    }
+
+
+def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
+    lines = []
+    for row in rows:
+        run = row["last_run"]
+        last_run = (f"{run.get('at')}, {run.get('result')}: {run.get('hours')} hour(s), {run.get('sent')} sent, "
+                    f"{run.get('rejected')} rejected" + (f"; {run['error']}" if run.get("error") else "")) if run else "never"
+        pending = f"{row['pending_hour']} ({row['pending_records']} records, resent by the next run)" \
+            if row["pending_hour"] else "none"
+        lines += [
+            row["service"],
+            f"  last processed hour:   {row['last_processed_hour'] or 'none'}",
+            f"  hours behind marker:   {'unknown' if row['hours_behind'] is None else row['hours_behind']}",
+            f"  export marker:         {row['marker']}",
+            f"  pending hour:          {pending}",
+            f"  rejected records:      {row['rejected_waiting']} waiting"
+            + (" (python3 metering_processor.py retry-failed)" if row["rejected_waiting"] else ""),
+            f"  last run:              {last_run}",
+            f"  last success:          {row['last_success_at'] or 'never'}",
+        ]
+    return "\n".join(lines)
+
+
+def _label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def render_metrics(services: Sequence[ServiceKey], reports: Mapping[str, ServiceReport],
+                   states: Mapping[str, ServiceState], exit_code: int, started: datetime, duration: float) -> str:
+    """The Prometheus text exposition of one run, for node_exporter's textfile collector."""
+    def family(name: str, help_text: str, samples: Iterable[tuple[str, float]]) -> list[str]:
+        lines = [f"# HELP {name} {help_text}", f"# TYPE {name} gauge"]
+        return lines + [f"{name}{labels} {value:g}" if isinstance(value, int) else f"{name}{labels} {value:.3f}"
+                        for labels, value in samples]
+
+    per_service = [(f'{{service="{_label(service.key)}"}}', service.key) for service in services]
+
+    def run_values(attribute: str) -> list[tuple[str, float]]:
+        return [(labels, getattr(reports[key], attribute)) for labels, key in per_service if key in reports]
+
+    lines = family("metering_run_timestamp_seconds", "When the last run started.", [("", started.timestamp())])
+    lines += family("metering_run_duration_seconds", "How long the last run took.", [("", duration)])
+    lines += family("metering_run_exit_status", "Exit code of the last run (0 ok, 1 failed hour or rejected "
+                    "record, 2 configuration, 4 state).", [("", exit_code)])
+    lines += family("metering_service_up", "1 if the service's last run had no failed hour and no rejected record.",
+                    [(labels, int(reports[key].ok)) for labels, key in per_service if key in reports])
+    lines += family("metering_last_run_timestamp_seconds", "When the service was last run.",
+                    [(labels, started.timestamp()) for labels, key in per_service if key in reports])
+    lines += family("metering_last_success_timestamp_seconds", "When the service last ran without failure.",
+                    [(labels, states[key].last_success_at.timestamp()) for labels, key in per_service
+                     if key in states and states[key].last_success_at])
+    for attribute, name, help_text in (
+        ("hours", "metering_run_hours_processed", "Hours processed by the last run."),
+        ("sent", "metering_run_records_sent", "Records Clazar accepted in the last run."),
+        ("already_delivered", "metering_run_records_already_delivered", "Records Clazar already held."),
+        ("rejected", "metering_run_records_rejected", "Records Clazar rejected in the last run."),
+        ("unattributable", "metering_run_records_unattributable", "Usage records without payer or dimension."),
+        ("late_hours", "metering_run_late_hours", "Hours sent after the marketplace's lateness window."),
+    ):
+        lines += family(name, help_text, run_values(attribute))
+    lines += family("metering_hours_behind", "Final hours not yet processed.",
+                    [(labels, reports[key].behind) for labels, key in per_service
+                     if key in reports and reports[key].behind is not None])
+    lines += family("metering_rejected_records_waiting", "Rejected records kept for retry-failed.",
+                    [(labels, len(states[key].rejected)) for labels, key in per_service if key in states])
+    lines += family("metering_pending_hour", "1 while an hour is recorded as pending (sent in part or not at all).",
+                    [(labels, int(states[key].pending is not None)) for labels, key in per_service if key in states])
+    return "\n".join(lines) + "\n"
+
+
+def write_file_atomically(path: str, text: str, mode: int = 0o644) -> None:
+    """Replace ``path`` with ``text`` through a temporary file in the same folder."""
+    folder = os.path.dirname(os.path.abspath(path))
+    descriptor, temporary = tempfile.mkstemp(prefix=".metering.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "w") as handle:
+            handle.write(text)
+        os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
 
 
 # ---------------------------------------------------------------------------
@@ -1897,14 +2163,33 @@ def _help_epilog() -> str:
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         prog="metering_processor.py",
-        description="Export Omnistrate usage from S3 to Clazar, one final hour at a time.",
+        description="Export Omnistrate usage from S3 to Clazar, one final hour at a time. "
+                    "With no command, run the export (as cron does).",
         epilog=_help_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--dry-run", action="store_true", default=None,
                         help="read and aggregate due hours and print the records; send and save nothing")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", metavar="command")
+    commands.add_parser("run", help="export every due hour (the default)")
+    status = commands.add_parser("status", help="where each service stands; read-only, no lock, no Clazar call")
+    status.add_argument("--json", action="store_true", help="print JSON for scripts")
+    retry = commands.add_parser("retry-failed", help="resend the rejected records kept in the state")
+    retry.add_argument("--contract", help="only this contract")
+    retry.add_argument("--hour", type=_hour_argument, help="only this hour, e.g. 2026-02-10T14:00:00Z")
+    retry.add_argument("--dry-run", action="store_true", default=None, help="show what would be resent")
     return parser.parse_args(argv)
+
+
+def _hour_argument(text: str) -> datetime:
+    try:
+        hour = parse_utc(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UTC hour: {text!r}") from None
+    if hour != floor_hour(hour):
+        raise argparse.ArgumentTypeError(f"not a whole hour: {text!r}")
+    return hour
 
 
 def s3_client(workers: int) -> Any:
@@ -1938,34 +2223,103 @@ def open_state_store(config: Config, client: Any) -> LocalStateStore | S3StateSt
     return LocalStateStore(config.state_path)
 
 
-def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    environ = os.environ if environ is None else environ
+def show_status(config: Config, client: Any, store: LocalStateStore | S3StateStore, as_json: bool) -> int:
+    """Print where each service stands. Reads the state and the marker; takes no lock."""
     try:
-        config = load_config(environ, dry_run=arguments.dry_run)
-    except ConfigError as error:
-        print(f"metering_processor: configuration error: {error}", file=sys.stderr)
-        return EXIT_CONFIG
-    configure_logging(config.log_level)
-    redact(config.client_secret)
-    client = s3_client(config.read_concurrency)
-    store = open_state_store(config, client)
+        book = StateBook(store)
+    except StateError as error:
+        log.error("%s", error)
+        return error.exit_code
+    source = ExportSource(client, config.bucket, 1)
+    marker, marker_error = None, None
+    try:
+        marker = source.read_marker()
+    except MarkerError as error:
+        marker_error = error
+    finally:
+        source.close()
+    now = utc_now()
+    rows = [service_status(service, book.service(service.key), marker, marker_error, config, now)
+            for service in config.services]
+    print(json.dumps(rows, indent=2) if as_json else format_status(rows))
+    return EXIT_OK
+
+
+def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -> int:
+    """The hourly run: lock, export every service, release, write the metrics."""
+    started, began = utc_now(), time.monotonic()
+    reports: list[ServiceReport] = []
+    book: StateBook | None = None
     try:
         if not config.dry_run:
             store.acquire()
         source = ExportSource(client, config.bucket, config.read_concurrency)
         clazar = None if config.dry_run else ClazarClient(config)
         try:
-            reports = Exporter(config, source, clazar, StateBook(store)).run()
+            book = StateBook(store)
+            exporter = Exporter(config, source, clazar, book)
+            reports = exporter.run()
         finally:
             source.close()
             if clazar is not None:
                 clazar.close()
             store.release()
+        code = EXIT_OK if all(report.ok for report in reports) else EXIT_FAILED
     except (StateError, LockHeld) as error:
         log.error("%s", error)
-        return error.exit_code
-    return EXIT_OK if all(report.ok for report in reports) else EXIT_FAILED
+        code = error.exit_code
+    # A run that found the lock held writes nothing: the run holding it will.
+    if config.metrics_file and not config.dry_run and code != EXIT_LOCKED:
+        states = {}
+        if book is not None:
+            states = {service.key: book.service(service.key) for service in config.services}
+        write_metrics(config.metrics_file, render_metrics(
+            config.services, {report.service.key: report for report in reports}, states, code, started,
+            time.monotonic() - began))
+    return code
+
+
+def write_metrics(path: str, text: str) -> None:
+    try:
+        write_file_atomically(path, text)
+    except OSError as error:
+        log.error("Cannot write METRICS_FILE %s: %s", path, error.strerror or error)
+
+
+def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
+    arguments = parse_arguments(argv)
+    environ = os.environ if environ is None else environ
+    command = arguments.command or "run"
+    try:
+        config = load_config(environ, dry_run=arguments.dry_run, sends=command != "status")
+    except ConfigError as error:
+        print(f"metering_processor: configuration error: {error}", file=sys.stderr)
+        metrics_file = environ.get("METRICS_FILE", "").strip()
+        if command == "run" and metrics_file:
+            write_metrics(metrics_file, render_metrics((), {}, {}, EXIT_CONFIG, utc_now(), 0.0))
+        return EXIT_CONFIG
+    # status prints its report on stdout, so its log goes to stderr.
+    configure_logging(config.log_level, config.log_format, sys.stderr if command == "status" else sys.stdout)
+    redact(config.client_secret)
+    client = s3_client(config.read_concurrency)
+    store = open_state_store(config, client)
+    if command == "status":
+        return show_status(config, client, store, arguments.json)
+    if command == "retry-failed":
+        try:
+            if not config.dry_run:
+                store.acquire()
+            clazar = None if config.dry_run else ClazarClient(config)
+            try:
+                return retry_failed(config, StateBook(store), clazar, arguments.contract, arguments.hour)
+            finally:
+                if clazar is not None:
+                    clazar.close()
+                store.release()
+        except (StateError, LockHeld) as error:
+            log.error("%s", error)
+            return error.exit_code
+    return export(config, client, store)
 
 
 if __name__ == "__main__":
