@@ -3,12 +3,15 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: test lint clean
+.PHONY: demo test lint clean
 
 $(BIN)/ready: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet -r requirements-dev.txt
 	touch $@
+
+demo: $(BIN)/ready
+	$(BIN)/python demo/run_demo.py
 
 lint: $(BIN)/ready
 	$(BIN)/ruff check .

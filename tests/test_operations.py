@@ -1,0 +1,252 @@
+"""The operators' tools end to end: status, retry-failed, metrics, JSON logs,
+lateness warnings, --help and --version."""
+
+from __future__ import annotations
+
+import json
+import re
+from datetime import timedelta
+
+import pytest
+from conftest import SERVICE
+from export_data import current_hour, iso, record, service_key
+
+KEY = service_key(SERVICE)
+
+
+def cpu(hour, contract, subscription, value):
+    return record(SERVICE, hour, contract=contract, subscription=subscription, dimension="cpu_core_hours", value=value)
+
+
+def parse_metrics(text: str) -> dict[tuple[str, str], float]:
+    """{(name, labels): value} from the Prometheus text format, checking its shape line by line."""
+    samples, helped, typed = {}, set(), set()
+    for line in text.splitlines():
+        if line.startswith("# HELP "):
+            helped.add(line.split()[2])
+        elif line.startswith("# TYPE "):
+            assert line.split()[3] == "gauge"
+            typed.add(line.split()[2])
+        else:
+            match = re.fullmatch(r'([a-z_]+)(\{service="((?:[^"\\]|\\.)*)"\})? (-?[0-9.e+]+)', line)
+            assert match, f"not a sample line: {line!r}"
+            name, _, service, value = match.groups()
+            assert name in helped and name in typed
+            samples[name, service or ""] = float(value)
+    return samples
+
+
+# --- status -----------------------------------------------------------------------------
+
+
+def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(harness, hours):
+    for i in range(4):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 2),
+                                                         cpu(hours[i], "c-gone", "sub-AAAAAAAAAA", 1) | {"podName": "x"}]})
+    harness.write_marker(hours.final(4))
+    harness.clazar.known_contracts = {"c-1"}
+    env = {"START_HOUR": iso(hours[0]), "MAX_HOURS_PER_RUN": "1"}
+    assert harness.run(env=env).returncode == 1  # c-gone is rejected
+    calls = (harness.clazar.auth_calls, harness.clazar.metering_calls)
+    lock = harness.state_path.parent / (harness.state_path.name + ".lock")
+    import fcntl
+    with open(lock, "w") as held:  # another run is working: status still answers
+        fcntl.flock(held, fcntl.LOCK_EX)
+        text = harness.run("status", env={**env, "CLAZAR_CLIENT_SECRET": None})
+        as_json = harness.run("status", "--json", env={**env, "CLAZAR_CLIENT_SECRET": None})
+    assert text.returncode == 0 and as_json.returncode == 0, text.output
+    assert (harness.clazar.auth_calls, harness.clazar.metering_calls) == calls
+    rows = json.loads(as_json.output)
+    assert rows == [{
+        "service": KEY,
+        "last_processed_hour": iso(hours[0]),
+        "hours_behind": 3,
+        "marker": f"final before {iso(hours.final(4))}",
+        "pending_hour": None,
+        "pending_records": 0,
+        "rejected_waiting": 1,
+        "last_run": rows[0]["last_run"],
+        "last_success_at": None,
+    }]
+    assert rows[0]["last_run"]["result"] == "rejected records" and rows[0]["last_run"]["sent"] == 1
+    assert "hours behind marker:   3" in text.output and "rejected records:      1 waiting" in text.output
+    assert f"last processed hour:   {iso(hours[0])}" in text.output
+
+
+def test_status_shows_a_pending_hour_and_a_marker_problem(harness, hours):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    harness.clazar.faults.extend([__import__("clazar_standin").status(503)] * 2)
+    assert harness.run(env={"START_HOUR": iso(hours[0]), "CLAZAR_MAX_RETRIES": "1"}).returncode == 1
+    harness.write_marker(hours.final(1), services=[("Other", "DEV", "pt-x")])
+    rows = json.loads(harness.run("status", "--json").output)
+    assert rows[0]["pending_hour"] == iso(hours[0]) and rows[0]["pending_records"] == 1
+    assert rows[0]["hours_behind"] is None and rows[0]["marker"].startswith("error: export marker has no entry")
+    assert rows[0]["last_run"]["result"] == "failed" and "HTTP 503" in rows[0]["last_run"]["error"]
+
+
+# --- retry-failed ----------------------------------------------------------------------------
+
+
+def test_retry_failed_resends_fixed_records_and_keeps_the_rest(harness, hours):
+    harness.clazar.known_contracts = {"c-1"}
+    harness.clazar.registered_dimensions = {"cpu_core_hours"}
+    for i in range(2):
+        harness.write_hour(hours[i], {
+            "sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 2),
+                               record(SERVICE, hours[i], contract="c-1", subscription="sub-AAAAAAAAAA",
+                                      dimension="replica_hours", value=1)],
+            "sub-BBBBBBBBBB": [cpu(hours[i], "c-new", "sub-BBBBBBBBBB", 5)],
+        })
+    harness.write_marker(hours.final(2))
+    env = {"START_HOUR": iso(hours[0])}
+    assert harness.run(env=env).returncode == 1
+    assert len(harness.entry()["rejected"]) == 4
+
+    dry = harness.run("retry-failed", "--dry-run", "--contract", "c-new", env=env)
+    assert dry.returncode == 0 and dry.output.count("Dry run record:") == 2
+    assert len(harness.entry()["rejected"]) == 4
+
+    # The contract is registered in Clazar now; the listing still lacks replica_hours.
+    harness.clazar.known_contracts = {"c-1", "c-new"}
+    only_one = harness.run("retry-failed", "--contract", "c-new", "--hour", iso(hours[1]), env=env)
+    assert only_one.returncode == 0, only_one.output
+    assert harness.clazar.accepted_quantities()[("c-new", "cpu_core_hours", iso(hours[1]))] == 5
+    assert ("c-new", "cpu_core_hours", iso(hours[0])) not in harness.clazar.accepted_quantities()
+
+    everything = harness.run("retry-failed", env=env)
+    assert everything.returncode == 1
+    assert "rejected contract c-1 dimension replica_hours" in everything.output and "again" in everything.output
+    rejected = harness.entry()["rejected"]
+    assert {(item["contract_id"], item["dimension"]) for item in rejected} == {("c-1", "replica_hours")}
+    assert all(item["attempts"] == 2 and item["answer"] == {"status": "fail"} for item in rejected)
+    assert harness.clazar.accepted_quantities()[("c-new", "cpu_core_hours", iso(hours[0]))] == 5
+
+    harness.clazar.registered_dimensions = None
+    final = harness.run("retry-failed", env=env)
+    assert final.returncode == 0, final.output
+    assert harness.entry()["rejected"] == []
+    # A record Clazar already holds counts as delivered: nothing is left to resend.
+    assert harness.run("retry-failed", env=env).returncode == 0
+
+
+def test_retry_failed_counts_already_delivered_as_delivered(harness, hours):
+    harness.clazar.known_contracts = {"c-1"}
+    harness.write_hour(hours[0], {"sub-BBBBBBBBBB": [cpu(hours[0], "c-2", "sub-BBBBBBBBBB", 5)]})
+    harness.write_marker(hours.final(1))
+    assert harness.run(env={"START_HOUR": iso(hours[0])}).returncode == 1
+    # Someone delivered it by hand in the meantime.
+    harness.clazar.known_contracts = None
+    with harness.clazar.lock:
+        harness.clazar.accepted["c-2", "cpu_core_hours", iso(hours[0])] = {"quantity": "5"}
+    result = harness.run("retry-failed")
+    assert result.returncode == 0, result.output
+    assert harness.entry()["rejected"] == []
+    assert "1 delivered, 0 still rejected" in result.output
+
+
+# --- metrics -----------------------------------------------------------------------------------
+
+
+def test_metrics_after_a_good_run_and_after_a_failed_one(harness, hours, tmp_path):
+    metrics = tmp_path / "metering.prom"
+    for i in range(3):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 2),
+                                                         record(SERVICE, hours[i], contract=None,
+                                                                subscription="sub-AAAAAAAAAA", dimension="replica_hours",
+                                                                value=1)]})
+    harness.write_marker(hours.final(3))
+    env = {"START_HOUR": iso(hours[0]), "METRICS_FILE": str(metrics), "MAX_HOURS_PER_RUN": "2"}
+    assert harness.run(env=env).returncode == 0
+    good = parse_metrics(metrics.read_text())
+    assert oct(metrics.stat().st_mode & 0o777) == "0o644"
+    assert good["metering_run_exit_status", ""] == 0
+    assert good["metering_service_up", KEY] == 1
+    assert good["metering_run_hours_processed", KEY] == 2
+    assert good["metering_run_records_sent", KEY] == 2
+    assert good["metering_run_records_unattributable", KEY] == 2
+    assert good["metering_hours_behind", KEY] == 1
+    assert good["metering_rejected_records_waiting", KEY] == 0
+    assert good["metering_pending_hour", KEY] == 0
+    assert good["metering_run_late_hours", KEY] == 2  # these hours ended over a day ago, past AWS's 6 hours
+    success = good["metering_last_success_timestamp_seconds", KEY]
+    assert abs(success - good["metering_run_timestamp_seconds", ""]) < 60
+
+    harness.clazar.faults.extend([__import__("clazar_standin").status(503)] * 2)
+    assert harness.run(env={**env, "CLAZAR_MAX_RETRIES": "1"}).returncode == 1
+    failed = parse_metrics(metrics.read_text())
+    assert failed["metering_run_exit_status", ""] == 1
+    assert failed["metering_service_up", KEY] == 0
+    assert failed["metering_pending_hour", KEY] == 1
+    assert failed["metering_last_success_timestamp_seconds", KEY] == success
+    assert failed["metering_last_run_timestamp_seconds", KEY] > success
+
+    assert harness.run(env={**env, "MAX_HOURS_PER_RUN": "zero"}).returncode == 2
+    assert parse_metrics(metrics.read_text())["metering_run_exit_status", ""] == 2
+
+    harness.state_path.write_text("{broken")
+    assert harness.run(env=env).returncode == 4
+    broken = parse_metrics(metrics.read_text())
+    assert broken["metering_run_exit_status", ""] == 4 and ("metering_service_up", KEY) not in broken
+
+
+def test_metric_labels_are_escaped():
+    import metering_processor as mp
+
+    service = mp.ServiceKey('Odd "Name" \\ DB', "PROD", "pt-1")
+    report = mp.ServiceReport(service, hours=1)
+    text = mp.render_metrics([service], {service.key: report}, {}, 0, mp.utc_now(), 1.5)
+    assert parse_metrics(text)["metering_run_hours_processed", 'Odd \\"Name\\" \\\\ DB:PROD:pt-1'] == 1
+
+
+# --- logs ----------------------------------------------------------------------------------------
+
+
+def test_json_logs_are_one_object_per_line_with_service_and_hour(harness, hours):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_hour(hours[1], {"sub-AAAAAAAAAA": b"[not json"})
+    harness.write_marker(hours.final(2))
+    result = harness.run(env={"START_HOUR": iso(hours[0]), "LOG_FORMAT": "json", "LOG_LEVEL": "DEBUG"})
+    assert result.returncode == 1
+    entries = [json.loads(line) for line in result.output.splitlines()]
+    assert all(set(entry) <= {"time", "level", "message", "service", "hour"} for entry in entries)
+    assert all(re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", entry["time"]) for entry in entries)
+    by_message = {entry["message"]: entry for entry in entries}
+    sending = by_message["Sending 1 metering records to Clazar"]
+    assert sending["service"] == KEY and sending["hour"] == iso(hours[0]) and sending["level"] == "INFO"
+    error = next(entry for entry in entries if entry["level"] == "ERROR" and "not valid JSON" in entry["message"])
+    assert error["service"] == KEY
+    assert any(entry["message"].startswith("Finished") for entry in entries)
+
+
+def test_hours_sent_past_the_marketplace_window_are_warned_about(harness):
+    now = current_hour()
+    late = [now - timedelta(hours=5), now - timedelta(hours=4)]  # ended over 3 hours ago
+    recent = now - timedelta(hours=2)  # ended just over an hour ago
+    for hour in late + [recent]:
+        harness.write_hour(hour, {"sub-AAAAAAAAAA": [cpu(hour, "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(now - timedelta(hours=1))
+    result = harness.run(env={"START_HOUR": iso(late[0]), "CLAZAR_CLOUD": "gcp", "LATENESS_WINDOW_HOURS": "2"})
+    if current_hour() != now:
+        pytest.skip("the hour turned during the run")
+    assert result.returncode == 0, result.output
+    warnings = [line for line in result.lines("WARNING") if "past the gcp marketplace's 2-hour window" in line]
+    assert [line.split("Hour ")[1][:19] for line in warnings] == [f"{hour:%Y-%m-%d %H}:00:00" for hour in late]
+    assert "2 hour(s) sent past the marketplace's window" in result.output
+    assert len(harness.clazar.accepted_keys()) == 3, "late hours are still sent"
+
+
+# --- help and version ----------------------------------------------------------------------------
+
+
+def test_help_lists_every_variable_and_version(harness):
+    import metering_processor as mp
+
+    result = harness.run("--help")
+    assert result.returncode == 0
+    for name, default, _ in mp.SETTINGS:
+        assert name in result.output and default.split()[0] in result.output
+    for command in ("status", "retry-failed", "run"):
+        assert command in result.output
+    version = harness.run("--version")
+    assert version.returncode == 0 and mp.__version__ in version.output
