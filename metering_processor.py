@@ -26,9 +26,11 @@ import ast
 import concurrent.futures
 import contextlib
 import contextvars
+import csv
 import dataclasses
 import errno
 import fcntl
+import hashlib
 import io
 import itertools
 import json
@@ -36,6 +38,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import socket
 import sys
 import tempfile
@@ -125,6 +128,10 @@ SETTINGS = (
     ("START_HOUR", "current hour - 24 h", "first hour of a service with no state"),
     ("EXPORT_MARKER_LAG_MINUTES", "0", "extra wait after the marker declares an hour final"),
     ("LATENESS_WINDOW_HOURS", "aws 6, azure 24, gcp 1", "warn when an hour is sent later than this after it ended"),
+    ("LEDGER_PATH", "metering_ledger/ beside the state", "audit ledger: a folder or s3://bucket/prefix"),
+    ("LEDGER_RETENTION_DAYS", "400", "days of ledger kept"),
+    ("LATE_USAGE", "report", "report, or carry: bill usage found late with the next hour"),
+    ("LATE_USAGE_LOOKBACK_HOURS", "24", "processed hours checked each run for files added or rewritten since"),
     ("DRY_RUN", "false", "true: read and print, send and save nothing"),
     ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     ("LOG_FORMAT", "text", "text, or json: one object per line"),
@@ -170,6 +177,10 @@ class Config:
     backoff_seconds: float
     retry_after_max_seconds: float
     state_path: str
+    ledger_path: str
+    ledger_retention_days: int
+    late_usage: str
+    late_lookback_hours: int
     lock_ttl_seconds: int
     read_concurrency: int
     max_hours_per_run: int
@@ -302,6 +313,23 @@ def _state_path(path: str) -> str:
     return path
 
 
+def _ledger_path(path: str | None, state_path: str) -> str:
+    """LEDGER_PATH, or a folder named metering_ledger beside the state."""
+    if path is None:
+        if state_path.startswith("s3://"):
+            bucket, _, key = state_path[len("s3://"):].partition("/")
+            folder = key.rpartition("/")[0]
+            return f"s3://{bucket}/{folder + '/' if folder else ''}metering_ledger"
+        return os.path.join(os.path.dirname(state_path) or ".", "metering_ledger")
+    if path.startswith("s3://"):
+        bucket, _, prefix = path[len("s3://"):].partition("/")
+        if not bucket:
+            raise ConfigError("LEDGER_PATH", f"must be s3://bucket/prefix or a folder, got {path!r}")
+        if prefix.startswith(EXPORT_ROOT):
+            raise ConfigError("LEDGER_PATH", f"must not lie under {EXPORT_ROOT}, which Omnistrate writes")
+    return path.rstrip("/")
+
+
 def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, sends: bool = True) -> Config:
     """Read every setting from ``environ``. Raises ConfigError naming the first bad variable.
 
@@ -354,6 +382,7 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
             raise ConfigError("OMNISTRATE_DIMENSIONS", f"{name!r} is not a valid dimension name")
 
     cloud = env.choice("CLAZAR_CLOUD", "aws", CLOUDS)
+    state_path = _state_path(env.text("STATE_FILE_PATH", "./metering_state.json"))
     return Config(
         bucket=bucket,
         services=services,
@@ -368,7 +397,11 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
         timeout_seconds=env.number("CLAZAR_TIMEOUT_SECONDS", 20.0, 0.1),
         backoff_seconds=env.number("CLAZAR_BACKOFF_SECONDS", 1.0, 0.0),
         retry_after_max_seconds=env.number("CLAZAR_RETRY_AFTER_MAX_SECONDS", 60.0, 0.0),
-        state_path=_state_path(env.text("STATE_FILE_PATH", "./metering_state.json")),
+        state_path=state_path,
+        ledger_path=_ledger_path(env.text("LEDGER_PATH"), state_path),
+        ledger_retention_days=env.integer("LEDGER_RETENTION_DAYS", 400, 1),
+        late_usage=env.choice("LATE_USAGE", "report", ("report", "carry")),
+        late_lookback_hours=env.integer("LATE_USAGE_LOOKBACK_HOURS", 24, 0, 24 * 400),
         lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 5),
         read_concurrency=env.integer("S3_READ_CONCURRENCY", 32, 1, 256),
         max_hours_per_run=env.integer("MAX_HOURS_PER_RUN", 24, 1),
@@ -531,6 +564,13 @@ def _error_code(error: Exception) -> str:
     return str(response.get("Error", {}).get("Code", ""))
 
 
+@dataclass(frozen=True)
+class HourListing:
+    files: list[str]
+    ignored: list[str]
+    digest: str
+
+
 class ExportSource:
     """Reads the Omnistrate export of one bucket. The only code that touches it.
 
@@ -562,19 +602,28 @@ class ExportSource:
             raise MarkerError(f"cannot read export marker {where}: {error}") from None
         return ExportMarker.parse(body, where)
 
-    def list_hour(self, prefix: str) -> tuple[list[str], list[str]]:
-        """All keys under ``prefix``, paginated: (export files, other keys that are ignored)."""
-        files, ignored = [], []
+    def list_hour(self, prefix: str) -> HourListing:
+        """Every key under ``prefix``, paginated, and a digest of the export files' keys and ETags.
+
+        The digest changes when a file is added, removed or rewritten, which is how
+        usage arriving after its hour was billed is noticed.
+        """
+        files, ignored, fingerprint = [], [], hashlib.sha256()
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", ()):
                     key = item["Key"]
                     name = key[len(prefix):]
-                    (files if name.endswith(".json") and "/" not in name else ignored).append(key)
+                    if name.endswith(".json") and "/" not in name:
+                        files.append(key)
+                        # Listing order is by key, so the digest does not depend on paging.
+                        fingerprint.update(f"{name}\t{item.get('ETag', '')}\n".encode())
+                    else:
+                        ignored.append(key)
         except Exception as error:
             raise SourceError(f"cannot list s3://{self.bucket}/{prefix}: {error}") from None
-        return files, ignored
+        return HourListing(files, ignored, fingerprint.hexdigest()[:32])
 
     def read(self, key: str) -> bytes:
         try:
@@ -724,6 +773,7 @@ class HourUsage:
 
     hour: datetime
     prefix: str = ""
+    sources: str = ""
     files: int = 0
     records: int = 0
     ignored: list[str] = field(default_factory=list)
@@ -976,10 +1026,14 @@ def carry(
     quantity = floor(amount + carried remainder); the new remainder is what is left
     (in [0, 1)). Over any run of hours the billed units are the whole part of the
     true total: never more than used, never a full unit short.
-    Returns (quantities for the keys of ``amounts``, the remainders that changed).
+    Returns (quantities for the keys of ``amounts`` and for carried remainders of a
+    whole unit or more, the remainders that changed).
     """
     quantities, updates = {}, {}
-    for key, amount in amounts.items():
+    # A remainder of a whole unit or more (usage found late, carried) is billed
+    # with the next hour even if its contract has no usage in it.
+    owed = {key: 0 for key, carried in remainders.items() if carried >= 1 and key not in amounts}
+    for key, amount in itertools.chain(amounts.items(), owed.items()):
         carried = remainders.get(key, 0)
         total = amount + carried
         whole = math.floor(total)
@@ -1252,13 +1306,21 @@ class PendingHour:
     records: tuple[Mapping[str, str], ...]
     remainders: Mapping[tuple[str, str], Fraction]
     unattributable: int = 0
+    # For the ledger: each key's exact amount this hour, the remainder it carried
+    # in (when not zero), and the digest of the files it was read from.
+    amounts: Mapping[tuple[str, str], Fraction] = field(default_factory=dict)
+    carried: Mapping[tuple[str, str], Fraction] = field(default_factory=dict)
+    sources: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
             "hour": format_time(self.hour),
             "records": list(self.records),
-            "remainders": _remainders_to_json(self.remainders),
+            "remainders": _fractions_to_json(self.remainders),
             "unattributable": self.unattributable,
+            "amounts": _fractions_to_json(self.amounts),
+            "carried": _fractions_to_json(self.carried),
+            "sources": self.sources,
         }
 
     @classmethod
@@ -1274,34 +1336,39 @@ class PendingHour:
                 if not str(record["quantity"]).isdigit():
                     raise ValueError(f"malformed quantity {record['quantity']!r}")
             unattributable = int(data.get("unattributable", 0))
+            sources = str(data.get("sources", ""))
         except (KeyError, TypeError, ValueError) as error:
             raise StateError(f"{where}: pending_hour is malformed ({error})") from None
-        return cls(hour, records, _remainders_from_json(data.get("remainders", {}), where), unattributable)
+        return cls(hour, records, _fractions_from_json(data.get("remainders", {}), f"{where}: remainders"),
+                   unattributable, _fractions_from_json(data.get("amounts", {}), f"{where}: amounts"),
+                   _fractions_from_json(data.get("carried", {}), f"{where}: carried"), sources)
 
 
-def _remainders_to_json(remainders: Mapping[tuple[str, str], Fraction]) -> dict[str, dict[str, str]]:
+def _fractions_to_json(values: Mapping[tuple[str, str], Fraction]) -> dict[str, dict[str, str]]:
+    """{(contract, dimension): exact value} as {contract: {dimension: "p/q"}}."""
     document: dict[str, dict[str, str]] = {}
-    for (contract, dimension), value in sorted(remainders.items()):
+    for (contract, dimension), value in sorted(values.items()):
         document.setdefault(contract, {})[dimension] = _fraction_text(value)
     return document
 
 
-def _remainders_from_json(document: Any, where: str) -> dict[tuple[str, str], Fraction]:
+def _fractions_from_json(document: Any, where: str) -> dict[tuple[str, str], Fraction]:
+    """The reverse of _fractions_to_json. Raises StateError on anything but non-negative fractions."""
     if not isinstance(document, dict):
-        raise StateError(f"{where}: remainders is not an object")
-    remainders = {}
+        raise StateError(f"{where} is not an object")
+    values = {}
     for contract, dimensions in document.items():
         if not isinstance(dimensions, dict):
-            raise StateError(f"{where}: remainders of {contract!r} is not an object")
+            raise StateError(f"{where}: {contract!r} is not an object")
         for dimension, text in dimensions.items():
             try:
                 value = Fraction(str(text))
             except (ValueError, ZeroDivisionError):
-                raise StateError(f"{where}: remainder {contract}/{dimension} is not a fraction: {text!r}") from None
-            if not 0 <= value < 1:
-                raise StateError(f"{where}: remainder {contract}/{dimension} = {text} is outside [0, 1)")
-            remainders[contract, dimension] = value
-    return remainders
+                raise StateError(f"{where}: {contract}/{dimension} is not a fraction: {text!r}") from None
+            if value < 0:
+                raise StateError(f"{where}: {contract}/{dimension} = {text} is negative")
+            values[contract, dimension] = value
+    return values
 
 
 @dataclass(frozen=True)
@@ -1314,9 +1381,14 @@ class ServiceState:
     rejected: tuple[Mapping[str, Any], ...] = ()
     last_run: Mapping[str, Any] | None = None
     last_success_at: datetime | None = None
+    # Digest of the files each recently processed hour was read from, to notice late usage.
+    sources: Mapping[str, str] = field(default_factory=dict)
+    late_usage: tuple[Mapping[str, Any], ...] = ()
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    KNOWN = ("last_processed_hour", "remainders", "pending_hour", "rejected", "last_run", "last_success_at")
+    KNOWN = ("last_processed_hour", "remainders", "pending_hour", "rejected", "last_run", "last_success_at",
+             "sources", "late_usage")
+    LATE_USAGE_KEPT = 200
 
     @classmethod
     def from_json(cls, entry: Any, where: str) -> ServiceState:
@@ -1344,13 +1416,19 @@ class ServiceState:
                 last_success = parse_utc(last_success)
             except ValueError:
                 raise StateError(f"{where}: last_success_at {last_success!r} is not a UTC time") from None
+        sources = entry.get("sources", {})
+        late_usage = entry.get("late_usage", [])
+        if not isinstance(sources, dict) or not isinstance(late_usage, list):
+            raise StateError(f"{where}: sources is not an object or late_usage is not a list")
         return cls(
             last_processed_hour=last,
-            remainders=_remainders_from_json(entry.get("remainders", {}), where),
+            remainders=_fractions_from_json(entry.get("remainders", {}), f"{where}: remainders"),
             pending=PendingHour.from_json(pending, where) if pending is not None else None,
             rejected=tuple(rejected),
             last_run=last_run,
             last_success_at=last_success,
+            sources=dict(sources),
+            late_usage=tuple(late_usage),
             extra={name: value for name, value in entry.items() if name not in cls.KNOWN},
         )
 
@@ -1358,7 +1436,7 @@ class ServiceState:
         entry = dict(self.extra)
         if self.last_processed_hour is not None:
             entry["last_processed_hour"] = format_time(self.last_processed_hour)
-        entry["remainders"] = _remainders_to_json({k: v for k, v in self.remainders.items() if v})
+        entry["remainders"] = _fractions_to_json({k: v for k, v in self.remainders.items() if v})
         if self.pending is not None:
             entry["pending_hour"] = self.pending.to_json()
         entry["rejected"] = [dict(item) for item in self.rejected]
@@ -1366,6 +1444,10 @@ class ServiceState:
             entry["last_run"] = dict(self.last_run)
         if self.last_success_at is not None:
             entry["last_success_at"] = format_time(self.last_success_at)
+        if self.sources:
+            entry["sources"] = dict(sorted(self.sources.items()))
+        if self.late_usage:
+            entry["late_usage"] = list(self.late_usage)
         return entry
 
     def with_pending(self, pending: PendingHour) -> ServiceState:
@@ -1373,13 +1455,21 @@ class ServiceState:
 
     def committed(self, pending: PendingHour, rejected: Iterable[Mapping[str, Any]] = ()) -> ServiceState:
         """The state once ``pending`` is done: its hour processed, its remainders kept."""
+        sources = {**self.sources, format_time(pending.hour): pending.sources} if pending.sources else self.sources
         return dataclasses.replace(
             self,
             last_processed_hour=pending.hour,
             remainders={**self.remainders, **pending.remainders},
             pending=None,
             rejected=self.rejected + tuple(rejected),
+            sources=sources,
         )
+
+    def with_late_usage(self, sources: Mapping[str, str], remainders: Mapping[tuple[str, str], Fraction],
+                        found: Iterable[Mapping[str, Any]]) -> ServiceState:
+        """The state after late usage was checked: recent sources, carried amounts, what was found."""
+        return dataclasses.replace(self, sources=dict(sources), remainders={**self.remainders, **remainders},
+                                   late_usage=(self.late_usage + tuple(found))[-self.LATE_USAGE_KEPT:])
 
     def with_run(self, run: Mapping[str, Any], at: datetime, succeeded: bool) -> ServiceState:
         """The state with this run's summary recorded, for ``status`` and the metrics."""
@@ -1645,6 +1735,232 @@ class StateBook:
         self.document = document
 
 
+# --- The ledger ----------------------------------------------------------------
+#
+# An audit trail of what was billed, kept beside the state: one JSON object per
+# line, one file per service and hour, in a folder per day:
+#   <LEDGER_PATH>/2026-02-10/Acme_Vector_DB_PROD_pt-Q7rT2bX9kL-27715285/2026-02-10T14.jsonl
+# An hour's file is written whole (atomically) before the hour is committed, so a
+# crash can leave the ledger ahead of the state but never behind, and a resent
+# pending hour rewrites its file instead of adding to it.
+
+
+class LedgerError(StateError):
+    """The ledger could not be read or written."""
+
+
+ACCEPTED_OUTCOMES = (DELIVERED, ALREADY_DELIVERED, "delivered on retry")
+NOT_SENT = "not sent: zero quantity"
+
+
+class LocalLedgerStorage:
+    def __init__(self, root: str):
+        self.root = root
+        self.display = root
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            with open(os.path.join(self.root, name), "rb") as handle:
+                return handle.read()
+        except FileNotFoundError:
+            return None
+        except OSError as error:
+            raise LedgerError(f"cannot read ledger {os.path.join(self.root, name)}: {error.strerror}") from None
+
+    def write(self, name: str, data: bytes) -> None:
+        path = os.path.join(self.root, name)
+        try:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            descriptor, temporary = tempfile.mkstemp(prefix=".ledger.", suffix=".tmp", dir=os.path.dirname(path))
+            try:
+                with os.fdopen(descriptor, "wb") as handle:
+                    handle.write(data)
+                    handle.flush()
+                    os.fsync(handle.fileno())
+                os.replace(temporary, path)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(temporary)
+                raise
+        except OSError as error:
+            raise LedgerError(f"cannot write ledger {path}: {error.strerror or error}") from None
+
+    def names(self, folder: str) -> list[str]:
+        try:
+            return sorted(os.listdir(os.path.join(self.root, folder)))
+        except FileNotFoundError:
+            return []
+
+    def delete_folder(self, folder: str) -> None:
+        shutil.rmtree(os.path.join(self.root, folder), ignore_errors=True)
+
+
+class S3LedgerStorage:
+    def __init__(self, client: Any, bucket: str, prefix: str):
+        self.client = client
+        self.bucket = bucket
+        self.prefix = prefix + "/" if prefix else ""
+        self.display = f"s3://{bucket}/{self.prefix}"
+
+    def read(self, name: str) -> bytes | None:
+        try:
+            return self.client.get_object(Bucket=self.bucket, Key=self.prefix + name)["Body"].read()
+        except Exception as error:
+            if _error_code(error) in ("NoSuchKey", "404"):
+                return None
+            raise LedgerError(f"cannot read ledger {self.display}{name}: {error}") from None
+
+    def write(self, name: str, data: bytes) -> None:
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data,
+                                   ContentType="application/x-ndjson")
+        except Exception as error:
+            raise LedgerError(f"cannot write ledger {self.display}{name}: {error}") from None
+
+    def names(self, folder: str) -> list[str]:
+        """The names directly inside ``folder``: files and sub-folders alike."""
+        names = []
+        try:
+            for page in self.client.get_paginator("list_objects_v2").paginate(
+                    Bucket=self.bucket, Prefix=f"{self.prefix}{folder}/" if folder else self.prefix, Delimiter="/"):
+                names += [item["Prefix"].rstrip("/").rsplit("/", 1)[-1] for item in page.get("CommonPrefixes", ())]
+                names += [item["Key"].rsplit("/", 1)[-1] for item in page.get("Contents", ())]
+        except Exception as error:
+            raise LedgerError(f"cannot list ledger {self.display}{folder}: {error}") from None
+        return sorted(names)
+
+    def delete_folder(self, folder: str) -> None:
+        paginator = self.client.get_paginator("list_objects_v2")
+        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{folder}/"):
+            keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
+            if keys:
+                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+
+
+def _day_folder(day: datetime) -> str:
+    return day.strftime("%Y-%m-%d")
+
+
+def _service_folder(service_key: str) -> str:
+    """A folder name safe on every file system and in S3, readable, and unique per key."""
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", service_key).strip("_")
+    return f"{readable}-{hashlib.sha256(service_key.encode()).hexdigest()[:8]}"
+
+
+def ledger_record_lines(service_key: str, pending: PendingHour, results: Mapping[tuple[str, str], RecordResult],
+                        previous: Sequence[Mapping[str, Any]], at: datetime) -> list[dict[str, Any]]:
+    """The ledger lines of one sent hour: one per contract and dimension with usage.
+
+    A record Clazar answers as already there on a resend keeps the id it was
+    given the first time, when the earlier lines have it.
+    """
+    earlier_ids = {(line["contract_id"], line["dimension"]): line.get("record_id") for line in previous
+                   if line.get("kind") == "record" and line.get("record_id")}
+    quantities = {(record["contract_id"], record["dimension"]): int(record["quantity"]) for record in pending.records}
+    lines = []
+    for key in sorted(set(pending.amounts) | set(quantities)):
+        result = results.get(key)
+        lines.append({
+            "kind": "record", "service": service_key, "contract_id": key[0], "dimension": key[1],
+            "hour": format_time(pending.hour), "quantity": quantities.get(key, 0),
+            "amount": _fraction_text(pending.amounts.get(key, Fraction(0))),
+            "carried_in": _fraction_text(pending.carried.get(key, Fraction(0))),
+            "record_id": (result.record_id if result else None) or earlier_ids.get(key),
+            "outcome": result.outcome if result else NOT_SENT,
+            "at": format_time(at),
+        })
+    return lines
+
+
+def billed_amounts(lines: Iterable[Mapping[str, Any]], except_sources: str | None = None) -> dict[tuple[str, str], Fraction]:
+    """The exact usage an hour's ledger lines account for, per contract and dimension:
+    the amounts it was billed on, plus late usage found since (other than ``except_sources``)."""
+    amounts: dict[tuple[str, str], Fraction] = {}
+    for line in lines:
+        key = (line["contract_id"], line["dimension"])
+        if line.get("kind") == "record" and not line.get("retry"):
+            amounts[key] = amounts.get(key, Fraction(0)) + Fraction(line["amount"])
+        elif line.get("kind") == "late" and line.get("sources") != except_sources:
+            amounts[key] = amounts.get(key, Fraction(0)) + Fraction(line["difference"])
+    return amounts
+
+
+def late_usage_lines(service_key: str, hour: datetime, billed: Sequence[Mapping[str, Any]],
+                     now: Mapping[tuple[str, str], Fraction], sources: str, policy: str,
+                     at: datetime) -> list[dict[str, Any]]:
+    """Ledger lines for usage of an already billed hour that differs from what was billed.
+
+    More usage is carried when ``policy`` is "carry"; less usage is only reported,
+    since nothing can be taken back from Clazar.
+    """
+    before = billed_amounts(billed, except_sources=sources)
+    lines = []
+    for key in sorted(set(before) | set(now)):
+        difference = now.get(key, Fraction(0)) - before.get(key, Fraction(0))
+        if difference:
+            lines.append({"kind": "late", "service": service_key, "contract_id": key[0], "dimension": key[1],
+                          "hour": format_time(hour), "difference": _fraction_text(difference), "sources": sources,
+                          "action": "carried" if policy == "carry" and difference > 0 else "reported",
+                          "at": format_time(at)})
+    return lines
+
+
+class Ledger:
+    """Reads and writes the ledger through a storage (a folder, or an S3 prefix)."""
+
+    def __init__(self, storage: LocalLedgerStorage | S3LedgerStorage):
+        self.storage = storage
+
+    @staticmethod
+    def hour_file(service_key: str, hour: datetime) -> str:
+        return f"{_day_folder(hour)}/{_service_folder(service_key)}/{hour:%Y-%m-%dT%H}.jsonl"
+
+    def read_hour(self, service_key: str, hour: datetime) -> list[dict[str, Any]] | None:
+        """The lines of one hour, or None if the ledger has no file for it. Raises LedgerError."""
+        data = self.storage.read(self.hour_file(service_key, hour))
+        if data is None:
+            return None
+        try:
+            return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+        except (UnicodeDecodeError, ValueError) as error:
+            raise LedgerError(f"ledger {self.storage.display}{self.hour_file(service_key, hour)} is corrupt: {error}") from None
+
+    def write_hour(self, service_key: str, hour: datetime, lines: Sequence[Mapping[str, Any]]) -> None:
+        data = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode("utf-8")
+        self.storage.write(self.hour_file(service_key, hour), data)
+
+    def record_hour(self, service_key: str, pending: PendingHour, results: Mapping[tuple[str, str], RecordResult],
+                    at: datetime) -> None:
+        """Write a sent hour's lines, replacing what an interrupted attempt at it wrote."""
+        previous = self.read_hour(service_key, pending.hour) or []
+        self.write_hour(service_key, pending.hour, ledger_record_lines(service_key, pending, results, previous, at))
+
+    def append(self, service_key: str, hour: datetime, lines: Sequence[Mapping[str, Any]],
+               replacing: Callable[[Mapping[str, Any]], bool] = lambda line: False) -> None:
+        """Add lines to an hour's file, first dropping earlier lines ``replacing`` selects."""
+        kept = [line for line in self.read_hour(service_key, hour) or [] if not replacing(line)]
+        self.write_hour(service_key, hour, kept + list(lines))
+
+    def lines(self, service_key: str, first: datetime, last: datetime) -> Iterator[dict[str, Any]]:
+        """Every line of the hours first..last (inclusive) of one service, hour by hour."""
+        day = first.replace(hour=0)
+        while day <= last:
+            folder = f"{_day_folder(day)}/{_service_folder(service_key)}"
+            for name in self.storage.names(folder):
+                hour = parse_utc(name.removesuffix(".jsonl")[:13] + ":00") if name.endswith(".jsonl") else None
+                if hour is not None and first <= hour <= last:
+                    yield from self.read_hour(service_key, hour) or []
+            day += timedelta(days=1)
+
+    def prune(self, keep_days: int, today: datetime) -> int:
+        """Delete day folders older than ``keep_days`` days. Returns how many."""
+        oldest = _day_folder(today - timedelta(days=keep_days))
+        old = [name for name in self.storage.names("") if re.fullmatch(r"\d{4}-\d\d-\d\d", name) and name < oldest]
+        for name in old:
+            self.storage.delete_folder(name)
+        return len(old)
+
+
 # ---------------------------------------------------------------------------
 # 7. The run: for each service and due hour, read, aggregate, record the
 #    pending hour, send, commit.
@@ -1744,6 +2060,7 @@ class ServiceReport:
     rejected: int = 0
     unattributable: int = 0
     late_hours: int = 0
+    late_usage: int = 0
     failure: str | None = None
     last_processed_hour: datetime | None = None
     behind: int | None = None
@@ -1759,7 +2076,8 @@ class ServiceReport:
     def to_json(self, at: datetime) -> dict[str, Any]:
         return {"at": format_time(at), "result": self.result, "hours": self.hours, "sent": self.sent,
                 "already_delivered": self.already_delivered, "rejected": self.rejected,
-                "unattributable": self.unattributable, "late_hours": self.late_hours, "error": self.failure}
+                "unattributable": self.unattributable, "late_hours": self.late_hours, "late_usage": self.late_usage,
+                "error": self.failure}
 
 
 READ_AHEAD_HOURS = 2
@@ -1769,11 +2087,12 @@ class Exporter:
     """One run over every configured service. The imperative shell around the pure parts."""
 
     def __init__(self, config: Config, source: ExportSource, clazar: ClazarClient | None, book: StateBook,
-                 clock: Callable[[], datetime] = utc_now):
+                 ledger: Ledger, clock: Callable[[], datetime] = utc_now):
         self.config = config
         self.source = source
         self.clazar = clazar
         self.book = book
+        self.ledger = ledger
         self.clock = clock
         self.with_prices = any(PRICE_SUFFIX in formula.text for formula in config.formulas)
 
@@ -1808,6 +2127,10 @@ class Exporter:
                     now = self.clock()
                     self.book.save(service.key, self.book.service(service.key).with_run(report.to_json(now), now, report.ok))
             reports.append(report)
+        if not self.config.dry_run:
+            pruned = self.ledger.prune(self.config.ledger_retention_days, self.clock())
+            if pruned:
+                log.info("Deleted %d day(s) of ledger older than %d days", pruned, self.config.ledger_retention_days)
         return reports
 
     def export_service(self, service: ServiceKey, report: ServiceReport,
@@ -1820,6 +2143,8 @@ class Exporter:
             with _working_on(_HOUR_CONTEXT, format_time(state.pending.hour)):
                 state = self._deliver(service, state, state.pending, report, replay=True)
         report.last_processed_hour = state.last_processed_hour
+        if not self.config.dry_run:
+            state = self._check_late_usage(service, state, report)
         if marker_error is not None:
             raise marker_error
         now = self.clock()
@@ -1837,6 +2162,62 @@ class Exporter:
                     log.info("Processing hour %d/%d: %s", index, len(hours), display_hour(usage.hour))
                     state = self._export_hour(service, state, usage, report)
                 report.behind -= 1
+
+    def _check_late_usage(self, service: ServiceKey, state: ServiceState, report: ServiceReport) -> ServiceState:
+        """Look again at the recently processed hours for files added or rewritten since.
+
+        Usage found late cannot be sent for its own hour (Clazar refuses a second
+        record), so it is reported, and with LATE_USAGE=carry added to the carried
+        remainder of its contract and dimension, to be billed with the next hour.
+        The new digests and the carried amounts are saved in one state write, after
+        the ledger lines: a crash in between finds the same difference again and
+        rewrites the same lines, so nothing is carried twice.
+        """
+        lookback = self.config.late_lookback_hours
+        if not lookback or state.last_processed_hour is None:
+            return state
+        horizon = format_time(state.last_processed_hour - lookback * HOUR)
+        sources = {hour: digest for hour, digest in state.sources.items() if hour > horizon}
+        carried: dict[tuple[str, str], Fraction] = {}
+        found: list[dict[str, Any]] = []
+        for hour_text, digest in sorted(sources.items()):
+            hour = parse_utc(hour_text)
+            try:
+                listing = self.source.list_hour(hour_prefix(service, hour))
+                if listing.digest == digest:
+                    continue
+                billed = self.ledger.read_hour(service.key, hour)
+                if billed is None:
+                    log.warning("Files of already billed hour %s changed, but the ledger has no lines for it to "
+                                "compare with", display_hour(hour))
+                    sources[hour_text] = listing.digest
+                    continue
+                now = billable_amounts(self._read_hour(service, hour, listing), self.config.formulas)
+            except MeteringError as error:
+                report.failure = f"checking hour {display_hour(hour)} for late usage: {error}"
+                log.error("%s: %s", service.label, report.failure)
+                continue
+            lines = late_usage_lines(service.key, hour, billed, now, listing.digest, self.config.late_usage,
+                                     self.clock())
+            for line in lines:
+                key = (line["contract_id"], line["dimension"])
+                if line["action"] == "carried":
+                    carried[key] = carried.get(key, state.remainders.get(key, Fraction(0))) + Fraction(line["difference"])
+                log.warning("Late usage: hour %s, already billed, now shows %s more %s for contract %s (%s)",
+                            display_hour(hour), line["difference"], line["dimension"], line["contract_id"],
+                            "carried to the next hour" if line["action"] == "carried" else
+                            "reported only; LATE_USAGE=carry would bill it with the next hour")
+            self.ledger.append(service.key, hour, lines,
+                               replacing=lambda line, d=listing.digest: line.get("kind") == "late" and line.get("sources") == d)
+            report.late_usage += len(lines)
+            found += [{name: line[name] for name in ("hour", "contract_id", "dimension", "difference", "action", "at")}
+                      for line in lines]
+            sources[hour_text] = listing.digest
+        if sources == dict(state.sources) and not carried and not found:
+            return state
+        state = state.with_late_usage(sources, carried, found)
+        self.book.save(service.key, state)
+        return state
 
     def _read_ahead(self, service: ServiceKey, hours: Sequence[datetime]) -> Iterator[HourUsage]:
         """Each hour's usage, in order, while the next hour is already being read.
@@ -1860,10 +2241,11 @@ class Exporter:
                 for future in queued:
                     future.cancel()
 
-    def _read_hour(self, service: ServiceKey, hour: datetime) -> HourUsage:
+    def _read_hour(self, service: ServiceKey, hour: datetime, listing: HourListing | None = None) -> HourUsage:
         usage = HourUsage(hour, prefix=hour_prefix(service, hour))
-        keys, usage.ignored = self.source.list_hour(usage.prefix)
-        for key, body in self.source.read_all(keys):
+        listing = listing or self.source.list_hour(usage.prefix)
+        usage.ignored, usage.sources = listing.ignored, listing.digest
+        for key, body in self.source.read_all(listing.files):
             usage.add(parse_export_file(key, body, with_prices=self.with_prices))
         return usage
 
@@ -1891,7 +2273,8 @@ class Exporter:
             log.warning("Hour %s: %d record(s) from %d subscription(s) have no externalPayerId or dimension "
                         "and are not sent: %s", display_hour(hour), usage.unattributable, len(subscriptions),
                         ", ".join(subscriptions[:10]) + (" ..." if len(subscriptions) > 10 else ""))
-        pending = PendingHour(hour, tuple(records), remainders, usage.unattributable)
+        carried = {key: state.remainders[key] for key in quantities if state.remainders.get(key)}
+        pending = PendingHour(hour, tuple(records), remainders, usage.unattributable, amounts, carried, usage.sources)
         return self._deliver(service, state, pending, report)
 
     def _deliver(self, service: ServiceKey, state: ServiceState, pending: PendingHour, report: ServiceReport,
@@ -1916,13 +2299,18 @@ class Exporter:
             state = state.with_pending(pending)
             self.book.save(service.key, state)
             log.debug("Recorded pending hour %s in %s", display_hour(pending.hour), self.book.store.display)
-        rejected = []
+        rejected, results = [], {}
         if records:
             log.info("Sending %d metering records to Clazar", len(records))
             for record, result in zip(records, self.clazar.deliver(records)):
                 rejected += self._account(record, result, report, replay)
+                results[record["contract_id"], record["dimension"]] = result
             if not rejected:
                 log.info("Successfully sent data to Clazar")
+        if records or pending.amounts:
+            # Before the commit: a crash here leaves the ledger ahead of the state, and
+            # the resent pending hour rewrites this file rather than adding to it.
+            self.ledger.record_hour(service.key, pending, results, self.clock())
         state = state.committed(pending, rejected)
         self.book.save(service.key, state)
         log.info("Saved state to %s", self.book.store.display)
@@ -1956,6 +2344,8 @@ class Exporter:
                 f"{report.unattributable} unattributable; last processed hour {last}; {behind} hour(s) behind")
         if report.late_hours:
             line += f"; {report.late_hours} hour(s) sent past the marketplace's window"
+        if report.late_usage:
+            line += f"; late usage found for {report.late_usage} contract-dimension-hour(s)"
         if report.failure:
             log.error("%s; FAILED: %s", line, report.failure)
         elif report.rejected:
@@ -1974,7 +2364,7 @@ def retry_selection(entry: Mapping[str, Any], contract: str | None, hour: dateti
     return hour is None or entry.get("start_time") == format_time(hour)
 
 
-def retry_failed(config: Config, book: StateBook, clazar: ClazarClient | None,
+def retry_failed(config: Config, book: StateBook, ledger: Ledger, clazar: ClazarClient | None,
                  contract: str | None, hour: datetime | None, clock: Callable[[], datetime] = utc_now) -> int:
     """Resend the rejected records kept in the state, per service.
 
@@ -2010,14 +2400,148 @@ def retry_failed(config: Config, book: StateBook, clazar: ClazarClient | None,
                     log.error("Clazar rejected contract %s dimension %s hour %s quantity %s again: %s",
                               record["contract_id"], record["dimension"], record["start_time"], record["quantity"],
                               json.dumps(result.answer, sort_keys=True, default=str))
-                else:
-                    delivered += 1
+                    continue
+                delivered += 1
+                # Written before the state drops the record: a crash between the two resends
+                # it next time, Clazar answers "already there", and this line is replaced.
+                when = parse_utc(record["start_time"])
+                ledger.append(service.key, when, [{
+                    "kind": "record", "retry": True, "service": service.key, "contract_id": record["contract_id"],
+                    "dimension": record["dimension"], "hour": record["start_time"], "quantity": int(record["quantity"]),
+                    "record_id": result.record_id, "outcome": "delivered on retry", "at": format_time(clock()),
+                }], replacing=lambda line, r=record: bool(line.get("retry")) and line["contract_id"] == r["contract_id"]
+                    and line["dimension"] == r["dimension"])
             kept = [entry for entry in state.rejected if not retry_selection(entry, contract, hour)] + still
             book.save(service.key, state.with_rejected(kept))
             log.info("%s: %d delivered, %d still rejected", service.label, delivered, len(still))
             if still:
                 code = EXIT_FAILED
     return code
+
+
+def reconcile_hour(now: Mapping[tuple[str, str], Fraction], lines: Sequence[Mapping[str, Any]] | None,
+                   chain: Mapping[tuple[str, str], Fraction]) -> tuple[dict[tuple[str, str], tuple[int, int, int]],
+                                                                       dict[tuple[str, str], Fraction]]:
+    """Compare one hour's usage as the export shows it now with what the ledger says was billed.
+
+    Returns ({(contract, dimension): (expected, billed, rejected)}, remainders after
+    the hour). Expected is what the same rules bill for today's usage: the whole
+    part of the usage, less late usage already carried to later hours, plus the
+    remainder the ledger says was carried in (else the one computed for the hour
+    before, in ``chain``). Billed counts records Clazar accepted or already held;
+    rejected, records it refused that were not delivered since.
+    """
+    billed: dict[tuple[str, str], int] = {}
+    rejected: dict[tuple[str, str], int] = {}
+    carried_in: dict[tuple[str, str], Fraction] = {}
+    carried_late: dict[tuple[str, str], Fraction] = {}
+    for line in lines or ():
+        key = (line["contract_id"], line["dimension"])
+        if line.get("kind") == "record":
+            quantity = int(line.get("quantity", 0))
+            if line.get("outcome") in ACCEPTED_OUTCOMES:
+                billed[key] = billed.get(key, 0) + quantity
+                if line.get("retry"):
+                    rejected[key] = rejected.get(key, 0) - quantity
+            elif line.get("outcome") == REJECTED:
+                rejected[key] = rejected.get(key, 0) + quantity
+            if not line.get("retry"):
+                carried_in[key] = Fraction(line.get("carried_in", "0"))
+        elif line.get("kind") == "late" and line.get("action") == "carried":
+            carried_late[key] = carried_late.get(key, Fraction(0)) + Fraction(line["difference"])
+    compared, after = {}, {}
+    for key in sorted(set(now) | set(billed) | set(rejected) | set(carried_in)):
+        total = now.get(key, Fraction(0)) - carried_late.get(key, Fraction(0)) + carried_in.get(key, chain.get(key, Fraction(0)))
+        expected = max(0, math.floor(total))
+        after[key] = total - expected
+        compared[key] = (expected, billed.get(key, 0), rejected.get(key, 0))
+    return compared, after
+
+
+def reconcile(config: Config, exporter: Exporter, first: datetime, last: datetime) -> dict[str, Any]:
+    """Re-read the export for first..last and compare it with the ledger, service by service."""
+    rows: dict[tuple[str, str, str], list[int]] = {}
+    differences, unattributable, not_processed = [], {}, {}
+    for service in config.services:
+        state = exporter.book.service(service.key)
+        last_processed = state.last_processed_hour
+        hours = [first + i * HOUR for i in range(hours_between(first, last + HOUR))]
+        due = [hour for hour in hours if last_processed is not None and hour <= last_processed]
+        not_processed[service.key] = len(hours) - len(due)
+        unattributable[service.key] = 0
+        chain: dict[tuple[str, str], Fraction] = {}
+        with _working_on(_SERVICE_CONTEXT, service.key), contextlib.closing(exporter._read_ahead(service, due)) as usages:
+            for usage in usages:
+                unattributable[service.key] += usage.unattributable
+                now = billable_amounts(usage, config.formulas)
+                compared, chain = reconcile_hour(now, exporter.ledger.read_hour(service.key, usage.hour), chain)
+                for (contract, dimension), (expected, billed, rejected) in compared.items():
+                    row = rows.setdefault((service.key, contract, dimension), [0, 0, 0])
+                    row[0], row[1], row[2] = row[0] + expected, row[1] + billed, row[2] + rejected
+                    if expected != billed:
+                        differences.append({"service": service.key, "contract_id": contract, "dimension": dimension,
+                                            "hour": format_time(usage.hour), "expected": expected, "billed": billed,
+                                            "difference": expected - billed, "rejected": rejected})
+    return {
+        "from": format_time(first), "to": format_time(last),
+        "rows": [{"service": key[0], "contract_id": key[1], "dimension": key[2], "expected": value[0],
+                  "billed": value[1], "difference": value[0] - value[1], "rejected": value[2]}
+                 for key, value in sorted(rows.items())],
+        "differences": differences,
+        "unattributable_records": unattributable,
+        "hours_not_processed_yet": not_processed,
+    }
+
+
+def format_reconciliation(result: Mapping[str, Any], style: str) -> str:
+    columns = ("service", "contract_id", "dimension", "expected", "billed", "difference", "rejected")
+    if style == "json":
+        return json.dumps(result, indent=2)
+    if style == "csv":
+        out = io.StringIO()
+        writer = csv.writer(out, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([row[name] for name in columns] for row in result["rows"])
+        return out.getvalue().rstrip("\n")
+    widths = {name: max([len(name)] + [len(str(row[name])) for row in result["rows"]]) for name in columns}
+    lines = [f"Reconciliation of {result['from']} .. {result['to']}", ""]
+    lines.append("  ".join(f"{name:<{widths[name]}}" for name in columns))
+    lines += ["  ".join(f"{row[name]!s:<{widths[name]}}" for name in columns) for row in result["rows"]]
+    lines.append("")
+    for service, count in result["unattributable_records"].items():
+        lines.append(f"{service}: {count} unattributable usage record(s) (no externalPayerId or dimension)")
+    for service, count in result["hours_not_processed_yet"].items():
+        if count:
+            lines.append(f"{service}: {count} hour(s) of the range not processed yet, not compared")
+    for difference in result["differences"]:
+        lines.append(f"DIFFERENCE {difference['service']} contract {difference['contract_id']} {difference['dimension']} "
+                     f"hour {difference['hour']}: expected {difference['expected']}, billed {difference['billed']}"
+                     + (f" ({difference['rejected']} rejected, see retry-failed)" if difference["rejected"] else ""))
+    lines.append(f"{len(result['differences'])} difference(s)" if result["differences"] else "Everything matches.")
+    return "\n".join(lines)
+
+
+def contract_history(config: Config, ledger: Ledger, contract: str, first: datetime, last: datetime) -> list[dict]:
+    """What the ledger says was billed to one contract, hour by hour."""
+    lines = [line for service in config.services for line in ledger.lines(service.key, first, last)
+             if line.get("contract_id") == contract]
+    return sorted(lines, key=lambda line: (line["hour"], line["service"], line["dimension"], line.get("at", "")))
+
+
+def format_history(lines: Sequence[Mapping[str, Any]]) -> str:
+    if not lines:
+        return "Nothing in the ledger for this contract in that range."
+    out = [f"{'hour':<21} {'dimension':<30} {'quantity':>14}  {'outcome':<25} record id / service"]
+    for line in lines:
+        if line["kind"] == "late":
+            out.append(f"{line['hour']:<21} {line['dimension']:<30} {line['difference']:>14}  "
+                       f"{'late usage ' + line['action']:<25} {line['service']}")
+        else:
+            out.append(f"{line['hour']:<21} {line['dimension']:<30} {line['quantity']:>14}  {line['outcome']:<25} "
+                       f"{line.get('record_id') or '-'} {line['service']}")
+    total = sum(line.get("quantity", 0) for line in lines if line.get("outcome") in ACCEPTED_OUTCOMES)
+    out.append(f"{len(lines)} line(s); {total} unit(s) billed in all dimensions")
+    return "\n".join(out)
 
 
 def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarker | None,
@@ -2044,6 +2568,8 @@ def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarke
         "rejected_waiting": len(state.rejected),
         "last_run": state.last_run,
         "last_success_at": format_time(state.last_success_at) if state.last_success_at else None,
+        "late_usage_found": len(state.late_usage),
+        "last_late_usage": state.late_usage[-1] if state.late_usage else None,
     }
 
 
@@ -2066,6 +2592,10 @@ def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
             f"  last run:              {last_run}",
             f"  last success:          {row['last_success_at'] or 'never'}",
         ]
+        if row["late_usage_found"]:
+            late = row["last_late_usage"]
+            lines.append(f"  late usage found:      {row['late_usage_found']}, the last for hour {late['hour']}, contract "
+                         f"{late['contract_id']}, {late['difference']} {late['dimension']} ({late['action']})")
     return "\n".join(lines)
 
 
@@ -2104,6 +2634,7 @@ def render_metrics(services: Sequence[ServiceKey], reports: Mapping[str, Service
         ("rejected", "metering_run_records_rejected", "Records Clazar rejected in the last run."),
         ("unattributable", "metering_run_records_unattributable", "Usage records without payer or dimension."),
         ("late_hours", "metering_run_late_hours", "Hours sent after the marketplace's lateness window."),
+        ("late_usage", "metering_run_late_usage", "Usage found for already billed hours, per contract, dimension and hour."),
     ):
         lines += family(name, help_text, run_values(attribute))
     lines += family("metering_hours_behind", "Final hours not yet processed.",
@@ -2179,6 +2710,17 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     retry.add_argument("--contract", help="only this contract")
     retry.add_argument("--hour", type=_hour_argument, help="only this hour, e.g. 2026-02-10T14:00:00Z")
     retry.add_argument("--dry-run", action="store_true", default=None, help="show what would be resent")
+    check = commands.add_parser("reconcile", help="re-read the export and compare it with the ledger; exit 1 on a difference")
+    check.add_argument("--from", dest="first", type=_hour_argument, required=True, help="first hour, e.g. 2026-02-01T00:00:00Z")
+    check.add_argument("--to", dest="last", type=_hour_argument, required=True, help="last hour (included)")
+    output = check.add_mutually_exclusive_group()
+    output.add_argument("--json", action="store_const", dest="style", const="json", default="text")
+    output.add_argument("--csv", action="store_const", dest="style", const="csv")
+    history = commands.add_parser("history", help="what the ledger says was billed to one contract")
+    history.add_argument("--contract", required=True)
+    history.add_argument("--from", dest="first", type=_hour_argument, help="first hour (default: 31 days ago)")
+    history.add_argument("--to", dest="last", type=_hour_argument, help="last hour (default: now)")
+    history.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
 
@@ -2213,6 +2755,13 @@ def s3_client(workers: int) -> Any:
             retries={"mode": "standard", "max_attempts": 4},
         ),
     )
+
+
+def open_ledger(config: Config, client: Any) -> Ledger:
+    if config.ledger_path.startswith("s3://"):
+        bucket, _, prefix = config.ledger_path[len("s3://"):].partition("/")
+        return Ledger(S3LedgerStorage(client, bucket, prefix.rstrip("/")))
+    return Ledger(LocalLedgerStorage(config.ledger_path))
 
 
 def open_state_store(config: Config, client: Any) -> LocalStateStore | S3StateStore:
@@ -2257,8 +2806,7 @@ def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -
         clazar = None if config.dry_run else ClazarClient(config)
         try:
             book = StateBook(store)
-            exporter = Exporter(config, source, clazar, book)
-            reports = exporter.run()
+            reports = Exporter(config, source, clazar, book, open_ledger(config, client)).run()
         finally:
             source.close()
             if clazar is not None:
@@ -2291,15 +2839,15 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     environ = os.environ if environ is None else environ
     command = arguments.command or "run"
     try:
-        config = load_config(environ, dry_run=arguments.dry_run, sends=command != "status")
+        config = load_config(environ, dry_run=arguments.dry_run, sends=command in ("run", "retry-failed"))
     except ConfigError as error:
         print(f"metering_processor: configuration error: {error}", file=sys.stderr)
         metrics_file = environ.get("METRICS_FILE", "").strip()
         if command == "run" and metrics_file:
             write_metrics(metrics_file, render_metrics((), {}, {}, EXIT_CONFIG, utc_now(), 0.0))
         return EXIT_CONFIG
-    # status prints its report on stdout, so its log goes to stderr.
-    configure_logging(config.log_level, config.log_format, sys.stderr if command == "status" else sys.stdout)
+    # Reports go to stdout, so the log of a reporting command goes to stderr.
+    configure_logging(config.log_level, config.log_format, sys.stdout if command in ("run", "retry-failed") else sys.stderr)
     redact(config.client_secret)
     client = s3_client(config.read_concurrency)
     store = open_state_store(config, client)
@@ -2311,7 +2859,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
                 store.acquire()
             clazar = None if config.dry_run else ClazarClient(config)
             try:
-                return retry_failed(config, StateBook(store), clazar, arguments.contract, arguments.hour)
+                return retry_failed(config, StateBook(store), open_ledger(config, client), clazar,
+                                    arguments.contract, arguments.hour)
             finally:
                 if clazar is not None:
                     clazar.close()
@@ -2319,7 +2868,36 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         except (StateError, LockHeld) as error:
             log.error("%s", error)
             return error.exit_code
+    if command in ("reconcile", "history"):
+        try:
+            return report_on_ledger(config, client, store, arguments)
+        except MeteringError as error:
+            log.error("%s", error)
+            return error.exit_code
     return export(config, client, store)
+
+
+def report_on_ledger(config: Config, client: Any, store: LocalStateStore | S3StateStore,
+                     arguments: argparse.Namespace) -> int:
+    """reconcile and history: read-only, no lock, no Clazar call."""
+    ledger = open_ledger(config, client)
+    if arguments.command == "history":
+        last = arguments.last or floor_hour(utc_now())
+        first = arguments.first or floor_hour(last - timedelta(days=31)).replace(hour=0)
+        lines = contract_history(config, ledger, arguments.contract, first, last)
+        print(json.dumps(lines, indent=2) if arguments.json else format_history(lines))
+        return EXIT_OK
+    if arguments.last < arguments.first:
+        log.error("--to %s is before --from %s", format_time(arguments.last), format_time(arguments.first))
+        return EXIT_CONFIG
+    source = ExportSource(client, config.bucket, config.read_concurrency)
+    try:
+        result = reconcile(config, Exporter(config, source, None, StateBook(store), ledger),
+                           arguments.first, arguments.last)
+    finally:
+        source.close()
+    print(format_reconciliation(result, arguments.style))
+    return EXIT_FAILED if result["differences"] else EXIT_OK
 
 
 if __name__ == "__main__":

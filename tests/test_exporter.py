@@ -443,7 +443,7 @@ def test_corrupt_state_stops_the_run_and_is_left_untouched(backend_harness, hour
     harness.write_marker(hours.final(1))
     for corrupt in (b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "2025-', b"[]",
                     b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "yesterday"}}',
-                    b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {"c-1": {"cpu_core_hours": "3/2"}}}}'):
+                    b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {"c-1": {"cpu_core_hours": "-1/2"}}}}'):
         harness.write_state_bytes(corrupt)
         result = harness.run(env={"START_HOUR": iso(h)})
         assert result.returncode == 4, result.output

@@ -67,6 +67,8 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
         "rejected_waiting": 1,
         "last_run": rows[0]["last_run"],
         "last_success_at": None,
+        "late_usage_found": 0,
+        "last_late_usage": None,
     }]
     assert rows[0]["last_run"]["result"] == "rejected records" and rows[0]["last_run"]["sent"] == 1
     assert "hours behind marker:   3" in text.output and "rejected records:      1 waiting" in text.output
