@@ -124,6 +124,7 @@ SETTINGS = (
     ("STATE_FILE_PATH", "./metering_state.json", "state document: a path or s3://bucket/key"),
     ("STATE_LOCK_TTL_SECONDS", "900", "lease of an S3 state lock; renewed while running"),
     ("S3_READ_CONCURRENCY", "32", "export files read at once"),
+    ("READ_AHEAD_HOURS", "2", "hours read while the current one is sent (1 for hours of 1,000+ files)"),
     ("MAX_HOURS_PER_RUN", "24", "hours per service per run"),
     ("START_HOUR", "current hour - 24 h", "first hour of a service with no state"),
     ("EXPORT_MARKER_LAG_MINUTES", "0", "extra wait after the marker declares an hour final"),
@@ -183,6 +184,7 @@ class Config:
     late_lookback_hours: int
     lock_ttl_seconds: int
     read_concurrency: int
+    read_ahead_hours: int
     max_hours_per_run: int
     start_hour: datetime | None
     marker_lag: timedelta
@@ -404,6 +406,7 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
         late_lookback_hours=env.integer("LATE_USAGE_LOOKBACK_HOURS", 24, 0, 24 * 400),
         lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 5),
         read_concurrency=env.integer("S3_READ_CONCURRENCY", 32, 1, 256),
+        read_ahead_hours=env.integer("READ_AHEAD_HOURS", 2, 0, 8),
         max_hours_per_run=env.integer("MAX_HOURS_PER_RUN", 24, 1),
         start_hour=start_hour,
         marker_lag=timedelta(minutes=env.integer("EXPORT_MARKER_LAG_MINUTES", 0, 0, 24 * 60)),
@@ -800,6 +803,10 @@ class HourUsage:
                 if seen[2] >= value:
                     continue
             self.rows[identity] = (share(contract, contract), share(dimension, dimension), value, price)
+
+    def release(self) -> None:
+        """Drop the rows once they are summed: an hour of 5,000 files holds 40,000."""
+        self.rows, self._shared = {}, {}
 
     def totals(self) -> dict[tuple[str, str], int | Fraction]:
         """Exact usage per (contract, dimension)."""
@@ -1767,14 +1774,14 @@ class LocalLedgerStorage:
         except OSError as error:
             raise LedgerError(f"cannot read ledger {os.path.join(self.root, name)}: {error.strerror}") from None
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, chunks: Iterable[bytes]) -> None:
         path = os.path.join(self.root, name)
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             descriptor, temporary = tempfile.mkstemp(prefix=".ledger.", suffix=".tmp", dir=os.path.dirname(path))
             try:
                 with os.fdopen(descriptor, "wb") as handle:
-                    handle.write(data)
+                    handle.writelines(chunks)
                     handle.flush()
                     os.fsync(handle.fileno())
                 os.replace(temporary, path)
@@ -1810,10 +1817,14 @@ class S3LedgerStorage:
                 return None
             raise LedgerError(f"cannot read ledger {self.display}{name}: {error}") from None
 
-    def write(self, name: str, data: bytes) -> None:
+    def write(self, name: str, chunks: Iterable[bytes]) -> None:
         try:
-            self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=data,
-                                   ContentType="application/x-ndjson")
+            # Spooled to disk past 1 MiB: an hour of 20,000 lines need not sit in memory.
+            with tempfile.SpooledTemporaryFile(max_size=2**20) as body:
+                body.writelines(chunks)
+                body.seek(0)
+                self.client.put_object(Bucket=self.bucket, Key=self.prefix + name, Body=body,
+                                       ContentType="application/x-ndjson")
         except Exception as error:
             raise LedgerError(f"cannot write ledger {self.display}{name}: {error}") from None
 
@@ -1848,19 +1859,19 @@ def _service_folder(service_key: str) -> str:
 
 
 def ledger_record_lines(service_key: str, pending: PendingHour, results: Mapping[tuple[str, str], RecordResult],
-                        previous: Sequence[Mapping[str, Any]], at: datetime) -> list[dict[str, Any]]:
+                        previous: Sequence[Mapping[str, Any]], at: datetime) -> Iterator[dict[str, Any]]:
     """The ledger lines of one sent hour: one per contract and dimension with usage.
 
     A record Clazar answers as already there on a resend keeps the id it was
-    given the first time, when the earlier lines have it.
+    given the first time, when the earlier lines have it. Lines are made one at a
+    time: an hour of 5,000 subscriptions has 20,000 of them.
     """
     earlier_ids = {(line["contract_id"], line["dimension"]): line.get("record_id") for line in previous
                    if line.get("kind") == "record" and line.get("record_id")}
     quantities = {(record["contract_id"], record["dimension"]): int(record["quantity"]) for record in pending.records}
-    lines = []
     for key in sorted(set(pending.amounts) | set(quantities)):
         result = results.get(key)
-        lines.append({
+        yield {
             "kind": "record", "service": service_key, "contract_id": key[0], "dimension": key[1],
             "hour": format_time(pending.hour), "quantity": quantities.get(key, 0),
             "amount": _fraction_text(pending.amounts.get(key, Fraction(0))),
@@ -1868,8 +1879,7 @@ def ledger_record_lines(service_key: str, pending: PendingHour, results: Mapping
             "record_id": (result.record_id if result else None) or earlier_ids.get(key),
             "outcome": result.outcome if result else NOT_SENT,
             "at": format_time(at),
-        })
-    return lines
+        }
 
 
 def billed_amounts(lines: Iterable[Mapping[str, Any]], except_sources: str | None = None) -> dict[tuple[str, str], Fraction]:
@@ -1925,9 +1935,9 @@ class Ledger:
         except (UnicodeDecodeError, ValueError) as error:
             raise LedgerError(f"ledger {self.storage.display}{self.hour_file(service_key, hour)} is corrupt: {error}") from None
 
-    def write_hour(self, service_key: str, hour: datetime, lines: Sequence[Mapping[str, Any]]) -> None:
-        data = "".join(json.dumps(line, sort_keys=True) + "\n" for line in lines).encode("utf-8")
-        self.storage.write(self.hour_file(service_key, hour), data)
+    def write_hour(self, service_key: str, hour: datetime, lines: Iterable[Mapping[str, Any]]) -> None:
+        self.storage.write(self.hour_file(service_key, hour),
+                           ((json.dumps(line, sort_keys=True) + "\n").encode("utf-8") for line in lines))
 
     def record_hour(self, service_key: str, pending: PendingHour, results: Mapping[tuple[str, str], RecordResult],
                     at: datetime) -> None:
@@ -2080,7 +2090,7 @@ class ServiceReport:
                 "error": self.failure}
 
 
-READ_AHEAD_HOURS = 2
+LARGE_HOUR_FILES = 1000
 
 
 class Exporter:
@@ -2224,19 +2234,25 @@ class Exporter:
 
         Reading ahead only reads: the carry, the pending hour and the commit are
         applied by the caller strictly in order, so a failure at hour H leaves every
-        hour after it untouched. Two hours are read at once, so one hour's listing
-        and last slow reads overlap the other's; they share the one read pool, and
-        memory holds at most three hours' rows however many hours are due.
+        hour after it untouched. Up to READ_AHEAD_HOURS small hours are read at once,
+        so one hour's listing and last slow reads overlap another's (they share the
+        one read pool); an hour of LARGE_HOUR_FILES files or more keeps the pool busy
+        alone, and then only one is read ahead. Memory thus holds the rows of at
+        most two large hours however many are due, or one with READ_AHEAD_HOURS=0.
         """
         upcoming = iter(hours)
-        with concurrent.futures.ThreadPoolExecutor(READ_AHEAD_HOURS, thread_name_prefix="read-ahead") as ahead:
-            queued = [ahead.submit(self._read_hour, service, hour)
-                      for hour in itertools.islice(upcoming, READ_AHEAD_HOURS)]
+        limit = self.config.read_ahead_hours
+        with concurrent.futures.ThreadPoolExecutor(max(1, limit), thread_name_prefix="read-ahead") as ahead:
+            queued = [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
             try:
                 while queued:
                     usage = queued.pop(0).result()
-                    queued += [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
+                    wanted = limit if usage.files < LARGE_HOUR_FILES else min(limit, 1)
+                    queued += [ahead.submit(self._read_hour, service, hour)
+                               for hour in itertools.islice(upcoming, max(0, wanted - len(queued)))]
                     yield usage
+                    if not queued:  # nothing read ahead: read the next hour now
+                        queued += [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
             finally:
                 for future in queued:
                     future.cancel()
@@ -2256,9 +2272,8 @@ class Exporter:
             log.warning("Ignored %d object(s) in %s that are not .json files, e.g. %s",
                         len(usage.ignored), usage.prefix, usage.ignored[0])
         amounts = billable_amounts(usage, self.config.formulas)
-        # The rows are summed; drop them before the slow part, sending, while the
-        # next hour is being read, so only one hour's rows are ever held.
-        usage.rows = {}
+        # Drop the rows before the slow part, sending, while the next hours are read.
+        usage.release()
         quantities, remainders = carry(amounts, state.remainders)
         records = metering_records(hour, self.config.cloud, quantities)
         log.info("Aggregated %d records into %d entries", usage.records, len(amounts))

@@ -2,7 +2,7 @@
 
     .venv/bin/python tests/benchmark.py                 # 6 h x 100 files x 8 records
     .venv/bin/python tests/benchmark.py --scale         # time at 1x, 4x and 16x the files
-    .venv/bin/python tests/benchmark.py --memory        # peak RSS at 1 h and 3 h x 5,000 files
+    .venv/bin/python tests/benchmark.py --memory        # peak RSS at 1, 2 and 4 h x 5,000 files
     .venv/bin/python tests/benchmark.py --tune          # exporter time against its pool sizes
 
 It starts SeaweedFS behind a proxy that adds a fixed delay to each S3 request, and
@@ -264,11 +264,13 @@ def tune(bench, arguments) -> None:
 
 
 def memory(bench, arguments) -> None:
-    print("\n| hours x files | records | exporter wall time (s) | peak RSS (MB) |\n|---|---|---|---|")
-    for hours in (1, 3):
-        bucket, start, expected, _ = bench.dataset(hours, 5000, arguments.records)
-        seconds, rss, _ = bench.exporter(bucket, start, hours, expected)
-        print(f"| {hours} x 5000 | {hours * 5000 * arguments.records} | {seconds:.2f} | {rss:.0f} |")
+    """Peak RSS over 1, 2 and 4 hours of 5,000 files, and 4 hours read one at a time."""
+    bucket, start, expected, _ = bench.dataset(4, 5000, arguments.records)
+    print("\n| hours x files | records | READ_AHEAD_HOURS | exporter wall time (s) | peak RSS (MB) |\n|---|---|---|---|---|")
+    for hours, ahead in ((1, "2"), (2, "2"), (4, "2"), (4, "0")):
+        seconds, rss, _ = bench.exporter(bucket, start, hours, expected if hours == 4 else None,
+                                         {"READ_AHEAD_HOURS": ahead})
+        print(f"| {hours} x 5000 | {hours * 5000 * arguments.records} | {ahead} | {seconds:.2f} | {rss:.0f} |", flush=True)
 
 
 def main() -> None:
@@ -286,7 +288,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--floor-workers", type=int, default=64)
     parser.add_argument("--scale", action="store_true", help="exporter time at 1x, 4x and 16x the files")
-    parser.add_argument("--memory", action="store_true", help="peak RSS at 1 and 3 hours of 5,000 files")
+    parser.add_argument("--memory", action="store_true", help="peak RSS at 1, 2 and 4 hours of 5,000 files")
     parser.add_argument("--tune", action="store_true", help="exporter time against its pool sizes")
     main_benchmark(parser.parse_args())
 

@@ -601,3 +601,17 @@ def test_a_bad_setting_exits_2_with_one_line_naming_it(harness, change, variable
     assert variable in lines[0] and "Traceback" not in result.output
     assert harness.clazar.auth_calls == 0 and not harness.state_path.exists()
     assert CLIENT_SECRET not in result.output
+
+
+@pytest.mark.parametrize("ahead", ["0", "1", "8"])
+def test_any_read_ahead_sends_the_same_records_in_order(harness, hours, ahead):
+    for i in range(5):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 0.5)]})
+    harness.write_hour(hours[3], {"sub-BADBADBAD": b"[1"})
+    harness.write_marker(hours.final(5))
+    result = harness.run(env={"START_HOUR": iso(hours[0]), "READ_AHEAD_HOURS": ahead})
+    assert result.returncode == 1
+    # Hours 0-2 are committed in order whatever was read ahead; hour 3 fails and nothing after it is sent.
+    assert harness.entry()["last_processed_hour"] == iso(hours[2])
+    assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[1])): 1}
+    assert harness.entry()["remainders"] == {"c-1": {"cpu_core_hours": "1/2"}}
