@@ -189,6 +189,8 @@ class Bench:
             self.clazar.received.clear()
         env = {**self.env, "S3_BUCKET_NAME": bucket, "START_HOUR": start.strftime("%Y-%m-%dT%H:00:00Z"),
                "MAX_HOURS_PER_RUN": str(hours), "STATE_FILE_PATH": str(self.folder / f"state-{self.runs}.json"),
+               # each run its own ledger: a ledger left by an earlier run would make this one a replay
+               "LEDGER_PATH": str(self.folder / f"ledger-{self.runs}"),
                **(extra or {})}
         seconds, rss, cpu, output = timed([sys.executable, str(TESTS.parent / "metering_processor.py")], env)
         totals: dict[tuple[str, str], int] = defaultdict(int)
