@@ -1799,7 +1799,11 @@ class LocalLedgerStorage:
             return []
 
     def delete_folder(self, folder: str) -> None:
-        shutil.rmtree(os.path.join(self.root, folder), ignore_errors=True)
+        path = os.path.join(self.root, folder)
+        try:
+            shutil.rmtree(path)
+        except OSError as error:
+            raise LedgerError(f"cannot delete ledger {path}: {error.strerror or error}") from None
 
 
 class S3LedgerStorage:
@@ -1842,10 +1846,20 @@ class S3LedgerStorage:
 
     def delete_folder(self, folder: str) -> None:
         paginator = self.client.get_paginator("list_objects_v2")
-        for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{folder}/"):
-            keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
-            if keys:
-                self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True})
+        try:
+            for page in paginator.paginate(Bucket=self.bucket, Prefix=f"{self.prefix}{folder}/"):
+                keys = [{"Key": item["Key"]} for item in page.get("Contents", ())]
+                if not keys:
+                    continue
+                # A quiet DeleteObjects answers 200 even when some keys were not deleted.
+                failed = self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": keys, "Quiet": True}).get("Errors")
+                if failed:
+                    raise LedgerError(f"cannot delete ledger {self.display}{failed[0].get('Key')}: "
+                                      f"{failed[0].get('Code')} {failed[0].get('Message', '')}".rstrip())
+        except LedgerError:
+            raise
+        except Exception as error:
+            raise LedgerError(f"cannot delete ledger {self.display}{folder}/: {error}") from None
 
 
 def _day_folder(day: datetime) -> str:
@@ -2138,10 +2152,20 @@ class Exporter:
                     self.book.save(service.key, self.book.service(service.key).with_run(report.to_json(now), now, report.ok))
             reports.append(report)
         if not self.config.dry_run:
-            pruned = self.ledger.prune(self.config.ledger_retention_days, self.clock())
-            if pruned:
-                log.info("Deleted %d day(s) of ledger older than %d days", pruned, self.config.ledger_retention_days)
+            self._prune_ledger()
         return reports
+
+    def _prune_ledger(self) -> None:
+        # Housekeeping after every hour is committed: failing it loses nothing, so
+        # it warns instead of failing a run that billed correctly.
+        try:
+            pruned = self.ledger.prune(self.config.ledger_retention_days, self.clock())
+        except LedgerError as error:
+            log.warning("Could not delete ledger days older than %d days (tried again next run): %s",
+                        self.config.ledger_retention_days, error)
+            return
+        if pruned:
+            log.info("Deleted %d day(s) of ledger older than %d days", pruned, self.config.ledger_retention_days)
 
     def export_service(self, service: ServiceKey, report: ServiceReport,
                        marker: ExportMarker | None, marker_error: MarkerError | None) -> None:

@@ -252,17 +252,41 @@ def test_history_of_one_contract(harness, hours):
     assert harness.run("history", "--contract", "c-unknown").output.startswith("Nothing in the ledger")
 
 
-def test_ledger_days_past_retention_are_deleted(harness, hours):
-    old = harness.state_path.parent / "metering_ledger" / "2020-01-01" / "x"
-    old.mkdir(parents=True)
-    (old / "2020-01-01T00.jsonl").write_text("{}\n")
+def test_ledger_days_past_retention_are_deleted(backend_harness, hours):
+    harness = backend_harness
+    if harness.state_in_s3:
+        prefix = harness.state_key.rpartition("/")[0] + "/metering_ledger/"
+        old_keys = [f"{prefix}2020-01-01/x/2020-01-01T0{h}.jsonl" for h in range(3)]
+        for key in old_keys:
+            harness.s3.put_object(Bucket=harness.state_bucket, Key=key, Body=b"{}\n")
+    else:
+        old = harness.state_path.parent / "metering_ledger" / "2020-01-01" / "x"
+        old.mkdir(parents=True)
+        (old / "2020-01-01T00.jsonl").write_text("{}\n")
     harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [usage(hours[0], "c-1", "sub-AAAAAAAAAA", "cpu_core_hours", 2)]})
     harness.write_marker(hours.final(1))
     result = harness.run(env={"START_HOUR": iso(hours[0]), "LEDGER_RETENTION_DAYS": "30"})
     assert result.returncode == 0, result.output
-    assert not old.parent.exists()
+    if harness.state_in_s3:
+        left = harness.s3.list_objects_v2(Bucket=harness.state_bucket, Prefix=prefix + "2020-01-01/")
+        assert left["KeyCount"] == 0
+    else:
+        assert not old.parent.exists()
     assert "Deleted 1 day(s) of ledger older than 30 days" in result.output
     assert records(ledger_lines(harness))
+
+
+def test_a_ledger_day_that_cannot_be_deleted_warns_and_fails_nothing(harness, hours):
+    blocked = harness.state_path.parent / "metering_ledger" / "2020-01-01"
+    blocked.parent.mkdir(parents=True)
+    blocked.write_text("not a folder\n")  # rmtree refuses a file, even for root
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [usage(hours[0], "c-1", "sub-AAAAAAAAAA", "cpu_core_hours", 2)]})
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(hours[0]), "LEDGER_RETENTION_DAYS": "30"})
+    assert result.returncode == 0, result.output
+    assert "WARNING - Could not delete ledger days older than 30 days" in result.output
+    assert "2020-01-01" in result.output and blocked.exists()
+    assert harness.clazar.accepted_quantities()
 
 
 def test_the_ledger_path_can_be_set_apart_from_the_state(harness, hours, tmp_path):
