@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import socket
@@ -1147,6 +1148,13 @@ def _retry_policy(config: Config) -> Any:
         def parse_retry_after(self, retry_after: str) -> float:
             return min(super().parse_retry_after(retry_after), config.retry_after_max_seconds)
 
+        # Jitter keeps concurrent batches from retrying in step. It is added here
+        # rather than with backoff_jitter, which urllib3 1.26 (the one botocore
+        # allows on Python 3.9) does not have.
+        def get_backoff_time(self) -> float:
+            backoff = super().get_backoff_time()
+            return backoff + random.uniform(0, config.backoff_seconds) if backoff else 0.0
+
     return CappedRetry(
         total=config.max_retries,
         connect=config.max_retries,
@@ -1157,7 +1165,6 @@ def _retry_policy(config: Config) -> Any:
         status_forcelist=(429, 500, 502, 503, 504),
         allowed_methods=frozenset({"POST"}),
         backoff_factor=config.backoff_seconds,
-        backoff_jitter=config.backoff_seconds,
         respect_retry_after_header=True,
         raise_on_status=False,
         raise_on_redirect=False,

@@ -310,3 +310,21 @@ def test_exact_number():
     assert mp._exact_number(True) is None and mp._exact_number("1") is None
     assert mp._exact_number(Decimal("NaN")) is None
     assert mp._exact_number(Decimal("2.50")) == Fraction(5, 2)
+
+
+def test_retries_back_off_exponentially_with_jitter_and_cap_retry_after():
+    from urllib3.exceptions import ProtocolError
+
+    config = mp.load_config({**BASE, "CLAZAR_BACKOFF_SECONDS": "0.5", "CLAZAR_RETRY_AFTER_MAX_SECONDS": "7"})
+    retry = mp._retry_policy(config)
+    def failed(retry):
+        return retry.increment(method="POST", url="/metering/", error=ProtocolError("connection reset"))
+
+    retry = failed(retry)
+    assert retry.get_backoff_time() == 0  # the first retry goes at once
+    for errors in (2, 3, 4):
+        retry = failed(retry)
+        waits = {retry.get_backoff_time() for _ in range(50)}
+        base = 0.5 * 2 ** (errors - 1)
+        assert all(base <= wait <= base + 0.5 for wait in waits) and len(waits) > 1
+    assert retry.parse_retry_after("3") == 3 and retry.parse_retry_after("3600") == 7
