@@ -1,6 +1,6 @@
 # Each target creates .venv on first use, so a fresh machine needs only Python 3.
 PYTHON ?= python3
-VENV := .venv
+VENV ?= .venv
 BIN := $(VENV)/bin
 
 .PHONY: demo test lint clean
@@ -20,4 +20,4 @@ test: lint
 	$(BIN)/python -m pytest
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) .venv-py39 .pytest_cache
