@@ -317,6 +317,7 @@ def test_retries_back_off_exponentially_with_jitter_and_cap_retry_after():
 
     config = mp.load_config({**BASE, "CLAZAR_BACKOFF_SECONDS": "0.5", "CLAZAR_RETRY_AFTER_MAX_SECONDS": "7"})
     retry = mp._retry_policy(config)
+
     def failed(retry):
         return retry.increment(method="POST", url="/metering/", error=ProtocolError("connection reset"))
 
