@@ -1880,15 +1880,14 @@ def _service_folder(service_key: str) -> str:
 
 
 def ledger_record_lines(service_key: str, pending: PendingHour, results: Mapping[tuple[str, str], RecordResult],
-                        previous: Sequence[Mapping[str, Any]], at: datetime) -> Iterator[dict[str, Any]]:
+                        earlier_ids: Mapping[tuple[str, str], str], at: datetime) -> Iterator[dict[str, Any]]:
     """The ledger lines of one sent hour: one per contract and dimension with usage.
 
     A record Clazar answers as already there on a resend keeps the id it was
-    given the first time, when the earlier lines have it. Lines are made one at a
-    time: an hour of 5,000 subscriptions has 20,000 of them.
+    given the first time, when ``earlier_ids`` (from an interrupted attempt's
+    lines) has it. Lines are made one at a time: an hour of 5,000 subscriptions
+    has 20,000 of them.
     """
-    earlier_ids = {(line["contract_id"], line["dimension"]): line.get("record_id") for line in previous
-                   if line.get("kind") == "record" and line.get("record_id")}
     quantities = {(record["contract_id"], record["dimension"]): int(record["quantity"]) for record in pending.records}
     for key in sorted(set(pending.amounts) | set(quantities)):
         result = results.get(key)
@@ -1949,12 +1948,15 @@ class Ledger:
     def read_hour(self, service_key: str, hour: datetime) -> list[dict[str, Any]] | None:
         """The lines of one hour, or None if the ledger has no file for it. Raises LedgerError."""
         data = self.storage.read(self.hour_file(service_key, hour))
-        if data is None:
-            return None
+        return None if data is None else list(self._parse(self.hour_file(service_key, hour), data))
+
+    def _parse(self, name: str, data: bytes) -> Iterator[dict[str, Any]]:
         try:
-            return [json.loads(line) for line in data.decode("utf-8").splitlines() if line.strip()]
+            for line in data.decode("utf-8").splitlines():
+                if line.strip():
+                    yield json.loads(line)
         except (UnicodeDecodeError, ValueError) as error:
-            raise LedgerError(f"ledger {self.storage.display}{self.hour_file(service_key, hour)} is corrupt: {error}") from None
+            raise LedgerError(f"ledger {self.storage.display}{name} is corrupt: {error}") from None
 
     def write_hour(self, service_key: str, hour: datetime, lines: Iterable[Mapping[str, Any]]) -> None:
         self.storage.write(self.hour_file(service_key, hour),
@@ -1963,8 +1965,15 @@ class Ledger:
     def record_hour(self, service_key: str, pending: PendingHour, results: Mapping[tuple[str, str], RecordResult],
                     at: datetime) -> None:
         """Write a sent hour's lines, replacing what an interrupted attempt at it wrote."""
-        previous = self.read_hour(service_key, pending.hour) or []
-        self.write_hour(service_key, pending.hour, ledger_record_lines(service_key, pending, results, previous, at))
+        name = self.hour_file(service_key, pending.hour)
+        data = self.storage.read(name)
+        # Only the ids are kept, line by line: a resent hour of 20,000 records
+        # would otherwise hold all of its earlier lines at once.
+        earlier_ids = {(line["contract_id"], line["dimension"]): line["record_id"]
+                       for line in (self._parse(name, data) if data is not None else ())
+                       if line.get("kind") == "record" and line.get("record_id")}
+        del data
+        self.write_hour(service_key, pending.hour, ledger_record_lines(service_key, pending, results, earlier_ids, at))
 
     def append(self, service_key: str, hour: datetime, lines: Sequence[Mapping[str, Any]],
                replacing: Callable[[Mapping[str, Any]], bool] = lambda line: False) -> None:
