@@ -1385,6 +1385,17 @@ def _fractions_from_json(document: Any, where: str) -> dict[tuple[str, str], Fra
     return values
 
 
+def _state_time(entry: Mapping[str, Any], name: str, where: str, kind: str) -> datetime | None:
+    """``entry[name]`` as a UTC time, or None if absent. Raises StateError naming it."""
+    text = entry.get(name)
+    if text is None:
+        return None
+    try:
+        return parse_utc(text)
+    except ValueError:
+        raise StateError(f"{where}: {name} {text!r} is not a UTC {kind}") from None
+
+
 @dataclass(frozen=True)
 class ServiceState:
     """What the state remembers of one service key. Pure: each change returns a new one."""
@@ -1409,14 +1420,9 @@ class ServiceState:
         """Read one entry of the state document. Raises StateError naming what is wrong."""
         if not isinstance(entry, dict):
             raise StateError(f"{where} is not an object")
-        last = entry.get("last_processed_hour")
-        if last is not None:
-            try:
-                last = parse_utc(last)
-            except ValueError:
-                raise StateError(f"{where}: last_processed_hour {last!r} is not a UTC hour") from None
-            if last != floor_hour(last):
-                raise StateError(f"{where}: last_processed_hour {format_time(last)} is not a whole hour")
+        last = _state_time(entry, "last_processed_hour", where, "hour")
+        if last is not None and last != floor_hour(last):
+            raise StateError(f"{where}: last_processed_hour {format_time(last)} is not a whole hour")
         pending = entry.get("pending_hour")
         rejected = entry.get("rejected", [])
         if not isinstance(rejected, list) or not all(isinstance(item, dict) for item in rejected):
@@ -1424,12 +1430,7 @@ class ServiceState:
         last_run = entry.get("last_run")
         if last_run is not None and not isinstance(last_run, dict):
             raise StateError(f"{where}: last_run is not an object")
-        last_success = entry.get("last_success_at")
-        if last_success is not None:
-            try:
-                last_success = parse_utc(last_success)
-            except ValueError:
-                raise StateError(f"{where}: last_success_at {last_success!r} is not a UTC time") from None
+        last_success = _state_time(entry, "last_success_at", where, "time")
         sources = entry.get("sources", {})
         late_usage = entry.get("late_usage", [])
         if not isinstance(sources, dict) or not isinstance(late_usage, list):

@@ -71,6 +71,20 @@ def pod_records(service, hour, *, contract, subscription, pod="db-0", cpu=2, mem
     ]
 
 
+def files_with_refusals(service, hour, *, unknown_contract: str) -> dict[str, list[dict]]:
+    """One hour's files for a stand-in that knows only contract c-1 and not replica_hours:
+    c-1's 2 cpu_core_hours are accepted; its replica_hours and ``unknown_contract``'s 5
+    cpu_core_hours are refused."""
+    return {
+        "sub-AAAAAAAAAA": [
+            record(service, hour, contract="c-1", subscription="sub-AAAAAAAAAA", dimension="cpu_core_hours", value=2),
+            record(service, hour, contract="c-1", subscription="sub-AAAAAAAAAA", dimension="replica_hours", value=1),
+        ],
+        "sub-BBBBBBBBBB": [record(service, hour, contract=unknown_contract, subscription="sub-BBBBBBBBBB",
+                                  dimension="cpu_core_hours", value=5)],
+    }
+
+
 def hour_prefix(service: tuple[str, str, str], hour: datetime) -> str:
     name, environment, plan = service
     return f"omnistrate-metering/{name}/{environment}/{plan}/{hour:%Y/%m/%d/%H}/"

@@ -11,7 +11,7 @@ from datetime import timedelta
 import pytest
 from clazar_standin import call, no_results, reset_after_landing, revoke_tokens, short_results, status
 from conftest import CLIENT_SECRET, SERVICE
-from export_data import GIB, current_hour, iso, pod_records, record, service_key
+from export_data import GIB, current_hour, files_with_refusals, iso, pod_records, record, service_key
 from servers import LISTER
 
 KEY = service_key(SERVICE)
@@ -373,12 +373,7 @@ def test_rejected_records_are_kept_reported_and_later_hours_go_on(harness, hours
     harness.clazar.known_contracts = {"c-1"}
     harness.clazar.registered_dimensions = {"cpu_core_hours", "memory_byte_hours"}
     for i in range(2):
-        harness.write_hour(hours[i], {
-            "sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 2),
-                               record(SERVICE, hours[i], contract="c-1", subscription="sub-AAAAAAAAAA",
-                                      dimension="replica_hours", value=1)],
-            "sub-BBBBBBBBBB": [cpu(hours[i], "c-unknown", "sub-BBBBBBBBBB", 5)],
-        })
+        harness.write_hour(hours[i], files_with_refusals(SERVICE, hours[i], unknown_contract="c-unknown"))
     harness.write_marker(hours.final(2))
     result = harness.run(env={"START_HOUR": iso(hours[0])})
     assert result.returncode == 1

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from conftest import SERVICE
-from export_data import current_hour, iso, record, service_key
+from export_data import current_hour, files_with_refusals, iso, record, service_key
 
 KEY = service_key(SERVICE)
 
@@ -94,12 +94,7 @@ def test_retry_failed_resends_fixed_records_and_keeps_the_rest(harness, hours):
     harness.clazar.known_contracts = {"c-1"}
     harness.clazar.registered_dimensions = {"cpu_core_hours"}
     for i in range(2):
-        harness.write_hour(hours[i], {
-            "sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 2),
-                               record(SERVICE, hours[i], contract="c-1", subscription="sub-AAAAAAAAAA",
-                                      dimension="replica_hours", value=1)],
-            "sub-BBBBBBBBBB": [cpu(hours[i], "c-new", "sub-BBBBBBBBBB", 5)],
-        })
+        harness.write_hour(hours[i], files_with_refusals(SERVICE, hours[i], unknown_contract="c-new"))
     harness.write_marker(hours.final(2))
     env = {"START_HOUR": iso(hours[0])}
     assert harness.run(env=env).returncode == 1
