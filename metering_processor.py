@@ -306,9 +306,18 @@ def _check_url(variable: str, url: str, carries_credentials: bool) -> str:
     return url
 
 
+def split_s3_url(path: str) -> tuple[str, str] | None:
+    """(bucket, key or prefix) of an ``s3://bucket/key`` path; None for a local path."""
+    if not path.startswith("s3://"):
+        return None
+    bucket, _, key = path[len("s3://"):].partition("/")
+    return bucket, key
+
+
 def _state_path(path: str) -> str:
-    if path.startswith("s3://"):
-        bucket, _, key = path[len("s3://"):].partition("/")
+    s3 = split_s3_url(path)
+    if s3:
+        bucket, key = s3
         if not bucket or not key or key.endswith("/"):
             raise ConfigError("STATE_FILE_PATH", f"must be s3://bucket/key with a key that names an object, got {path!r}")
         if key.startswith(EXPORT_ROOT):
@@ -319,13 +328,15 @@ def _state_path(path: str) -> str:
 def _ledger_path(path: str | None, state_path: str) -> str:
     """LEDGER_PATH, or a folder named metering_ledger beside the state."""
     if path is None:
-        if state_path.startswith("s3://"):
-            bucket, _, key = state_path[len("s3://"):].partition("/")
+        s3 = split_s3_url(state_path)
+        if s3:
+            bucket, key = s3
             folder = key.rpartition("/")[0]
             return f"s3://{bucket}/{folder + '/' if folder else ''}metering_ledger"
         return os.path.join(os.path.dirname(state_path) or ".", "metering_ledger")
-    if path.startswith("s3://"):
-        bucket, _, prefix = path[len("s3://"):].partition("/")
+    s3 = split_s3_url(path)
+    if s3:
+        bucket, prefix = s3
         if not bucket:
             raise ConfigError("LEDGER_PATH", f"must be s3://bucket/prefix or a folder, got {path!r}")
         if prefix.startswith(EXPORT_ROOT):
@@ -1516,6 +1527,37 @@ def dump_state(document: Mapping[str, Any]) -> bytes:
     return ("{\n" + ",\n".join(lines) + "\n}\n").encode("utf-8")
 
 
+def write_file_atomically(path: str, chunks: Iterable[bytes], mode: int = 0o600) -> None:
+    """Replace ``path`` with ``chunks``: temporary file in the same folder, fsync,
+    rename, fsync of the folder. Readers see the old file or the new one, never
+    a part, and after a crash the rename is on disk before anything that follows.
+
+    Raises OSError; the temporary file is removed on any failure, including one
+    raised by ``chunks`` itself.
+    """
+    folder = os.path.dirname(os.path.abspath(path))
+    # mkstemp creates the file with mode 0600: nothing exists readable by others
+    # before ``mode`` is set.
+    descriptor, temporary = tempfile.mkstemp(prefix=".metering.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(descriptor, "wb") as handle:
+            handle.writelines(chunks)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if mode != 0o600:
+            os.chmod(temporary, mode)
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    folder_descriptor = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(folder_descriptor)
+    finally:
+        os.close(folder_descriptor)
+
+
 def _write_lock_owner(handle: io.TextIOBase) -> None:
     handle.seek(0)
     handle.truncate()
@@ -1573,26 +1615,9 @@ class LocalStateStore:
         return parse_state(body, self.display)
 
     def save(self, document: Mapping[str, Any]) -> None:
-        """Replace the document atomically: temporary file, fsync, rename, fsync of the folder."""
-        folder = os.path.dirname(self.path)
+        """Replace the document atomically, readable only by its owner."""
         try:
-            # mkstemp creates the file with mode 0600: the state never exists readable by others.
-            descriptor, temporary = tempfile.mkstemp(prefix=".metering_state.", suffix=".tmp", dir=folder)
-            try:
-                with os.fdopen(descriptor, "wb") as handle:
-                    handle.write(dump_state(document))
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temporary, self.path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
-            folder_descriptor = os.open(folder, os.O_RDONLY)
-            try:
-                os.fsync(folder_descriptor)
-            finally:
-                os.close(folder_descriptor)
+            write_file_atomically(self.path, [dump_state(document)])
         except OSError as error:
             raise StateError(f"cannot write state {self.display}: {error.strerror or error}") from None
 
@@ -1786,17 +1811,7 @@ class LocalLedgerStorage:
         path = os.path.join(self.root, name)
         try:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            descriptor, temporary = tempfile.mkstemp(prefix=".ledger.", suffix=".tmp", dir=os.path.dirname(path))
-            try:
-                with os.fdopen(descriptor, "wb") as handle:
-                    handle.writelines(chunks)
-                    handle.flush()
-                    os.fsync(handle.fileno())
-                os.replace(temporary, path)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(temporary)
-                raise
+            write_file_atomically(path, chunks)
         except OSError as error:
             raise LedgerError(f"cannot write ledger {path}: {error.strerror or error}") from None
 
@@ -1948,8 +1963,9 @@ class Ledger:
 
     def read_hour(self, service_key: str, hour: datetime) -> list[dict[str, Any]] | None:
         """The lines of one hour, or None if the ledger has no file for it. Raises LedgerError."""
-        data = self.storage.read(self.hour_file(service_key, hour))
-        return None if data is None else list(self._parse(self.hour_file(service_key, hour), data))
+        name = self.hour_file(service_key, hour)
+        data = self.storage.read(name)
+        return None if data is None else list(self._parse(name, data))
 
     def _parse(self, name: str, data: bytes) -> Iterator[dict[str, Any]]:
         try:
@@ -2703,21 +2719,6 @@ def render_metrics(services: Sequence[ServiceKey], reports: Mapping[str, Service
     return "\n".join(lines) + "\n"
 
 
-def write_file_atomically(path: str, text: str, mode: int = 0o644) -> None:
-    """Replace ``path`` with ``text`` through a temporary file in the same folder."""
-    folder = os.path.dirname(os.path.abspath(path))
-    descriptor, temporary = tempfile.mkstemp(prefix=".metering.", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(descriptor, "w") as handle:
-            handle.write(text)
-        os.chmod(temporary, mode)
-        os.replace(temporary, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(temporary)
-        raise
-
-
 # ---------------------------------------------------------------------------
 # 8. Command line.
 # ---------------------------------------------------------------------------
@@ -2814,16 +2815,18 @@ def s3_client(workers: int) -> Any:
 
 
 def open_ledger(config: Config, client: Any) -> Ledger:
-    if config.ledger_path.startswith("s3://"):
-        bucket, _, prefix = config.ledger_path[len("s3://"):].partition("/")
+    s3 = split_s3_url(config.ledger_path)
+    if s3:
+        bucket, prefix = s3
         return Ledger(S3LedgerStorage(client, bucket, prefix.rstrip("/")))
     return Ledger(LocalLedgerStorage(config.ledger_path))
 
 
 def open_state_store(config: Config, client: Any) -> LocalStateStore | S3StateStore:
     """The state store STATE_FILE_PATH names: ``s3://bucket/key`` or a local path."""
-    if config.state_path.startswith("s3://"):
-        bucket, _, key = config.state_path[len("s3://"):].partition("/")
+    s3 = split_s3_url(config.state_path)
+    if s3:
+        bucket, key = s3
         return S3StateStore(client, bucket, key, config.lock_ttl_seconds)
     return LocalStateStore(config.state_path)
 
@@ -2885,7 +2888,7 @@ def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -
 
 def write_metrics(path: str, text: str) -> None:
     try:
-        write_file_atomically(path, text)
+        write_file_atomically(path, [text.encode("utf-8")], mode=0o644)
     except OSError as error:
         log.error("Cannot write METRICS_FILE %s: %s", path, error.strerror or error)
 
