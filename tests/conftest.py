@@ -28,6 +28,12 @@ SERVICE = ("Acme Vector DB", "PROD", "pt-Q7rT2bX9kL")
 CLIENT_SECRET = "standin-client-secret-0123456789"
 
 
+def cpu(hour, contract, subscription, value, **extra):
+    """One cpu_core_hours record of SERVICE."""
+    return export_data.record(SERVICE, hour, contract=contract, subscription=subscription,
+                              dimension="cpu_core_hours", value=value, **extra)
+
+
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()

@@ -10,16 +10,11 @@ from datetime import timedelta
 
 import pytest
 from clazar_standin import call, no_results, reset_after_landing, revoke_tokens, short_results, status
-from conftest import CLIENT_SECRET, SERVICE
+from conftest import CLIENT_SECRET, SERVICE, cpu
 from export_data import GIB, current_hour, files_with_refusals, iso, pod_records, record, service_key
 from servers import LISTER
 
 KEY = service_key(SERVICE)
-
-
-def cpu(hour, contract, subscription, value, **extra):
-    return record(SERVICE, hour, contract=contract, subscription=subscription, dimension="cpu_core_hours",
-                  value=value, **extra)
 
 
 def accepted(harness):

@@ -8,14 +8,10 @@ import re
 from datetime import timedelta
 
 import pytest
-from conftest import SERVICE
+from conftest import SERVICE, cpu
 from export_data import current_hour, files_with_refusals, iso, record, service_key
 
 KEY = service_key(SERVICE)
-
-
-def cpu(hour, contract, subscription, value):
-    return record(SERVICE, hour, contract=contract, subscription=subscription, dimension="cpu_core_hours", value=value)
 
 
 def parse_metrics(text: str) -> dict[tuple[str, str], float]:
