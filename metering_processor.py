@@ -41,6 +41,7 @@ import random
 import re
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -52,7 +53,6 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Callable
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from urllib.parse import urlsplit
 
 __version__ = "1.0.0"
 
@@ -69,6 +69,96 @@ class MeteringError(Exception):
     """Base of every error this module raises on purpose; carries the exit code."""
 
     exit_code = EXIT_FAILED
+
+
+# Characters that could end a log line, move the cursor or restyle a terminal, or
+# reorder what is shown: C0 and C1 controls, DEL, Unicode line and paragraph
+# separators and bidirectional overrides.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+
+
+def escape_control(text: str) -> str:
+    """``text`` with every control character written as an escape (``\\n``, ``\\x1b``),
+    so that text from data can never start a line of its own or drive a terminal."""
+    if not CONTROL_CHARACTERS.search(text):
+        return text
+    return CONTROL_CHARACTERS.sub(lambda match: repr(match.group())[1:-1], text)
+
+
+def shown_text(value: Any, limit: int = 80) -> str:
+    """A short, quoted, escaped rendering of a value from outside, for error messages."""
+    if isinstance(value, str):
+        text = value
+    elif isinstance(value, (dict, list)):
+        text = type(value).__name__
+    else:
+        try:
+            text = str(value)
+        except ValueError:  # an int beyond Python's 4,300-digit string limit
+            text = f"a {type(value).__name__} of {value.bit_length()} bits"
+    return repr(text[:limit]) + (f" (and {len(text) - limit} more characters)" if len(text) > limit else "")
+
+
+# JSON from outside (export files, the marker, the state, the ledger, Clazar's
+# answers) is read through parse_json: a repeated field, NaN or Infinity, or
+# nesting deeper than MAX_JSON_DEPTH is refused, and every failure, the parser's
+# own recursion limit included, is one ValueError saying what is wrong.
+MAX_JSON_DEPTH = 32
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a number JSON allows")
+
+
+def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    fields = dict(pairs)
+    if len(fields) != len(pairs):
+        seen: set[str] = set()
+        for name, _ in pairs:
+            if name in seen:
+                raise ValueError(f"holds the field {shown_text(name)} twice in one object")
+            seen.add(name)
+    return fields
+
+
+def _deeper_than(document: Any, limit: int) -> bool:
+    """Whether ``document`` nests lists and objects more than ``limit`` levels deep.
+    Iterative: a deep document must not exhaust the stack here either."""
+    containers = (dict, list)
+    stack = [(document, 1)] if type(document) in containers else []
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        for child in node.values() if type(node) is dict else node:
+            if type(child) in containers:
+                stack.append((child, depth + 1))
+    return False
+
+
+def parse_json(body: bytes | str, **hooks: Callable[[str], Any]) -> Any:
+    """Parse UTF-8 JSON text at a cost bounded by its size.
+
+    ``hooks`` are json.loads's parse_float and parse_int. Raises ValueError, its
+    message a phrase to follow the name of what was read ("is not valid JSON ..."),
+    for text that is not UTF-8 or not JSON, NaN or Infinity, a field repeated in
+    one object, or nesting deeper than MAX_JSON_DEPTH.
+    """
+    try:
+        text = body.decode("utf-8") if isinstance(body, (bytes, bytearray)) else body
+    except UnicodeDecodeError as error:
+        raise ValueError(f"is not UTF-8 text ({error.reason} at byte {error.start})") from None
+    try:
+        document = json.loads(text, object_pairs_hook=_unique_fields, parse_constant=_reject_constant, **hooks)
+    except RecursionError:
+        document = None
+    except ValueError as error:
+        problem = str(error)
+        raise ValueError(problem if problem.startswith("holds the field") else f"is not valid JSON ({problem})") from None
+    else:
+        if not _deeper_than(document, MAX_JSON_DEPTH):
+            return document
+    raise ValueError(f"is nested more than {MAX_JSON_DEPTH} levels deep")
 
 
 # ---------------------------------------------------------------------------
@@ -127,6 +217,7 @@ SETTINGS = (
     ("S3_READ_CONCURRENCY", "32", "export files read at once"),
     ("READ_AHEAD_HOURS", "2", "hours read while the current one is sent (1 for hours of 1,000+ files)"),
     ("MAX_HOURS_PER_RUN", "24", "hours per service per run"),
+    ("MAX_EXPORT_FILE_BYTES", "67108864 (64 MiB)", "an export file larger than this fails its hour"),
     ("START_HOUR", "current hour - 24 h", "first hour of a service with no state"),
     ("EXPORT_MARKER_LAG_MINUTES", "0", "extra wait after the marker declares an hour final"),
     ("LATENESS_WINDOW_HOURS", "aws 6, azure 24, gcp 1", "warn when an hour is sent later than this after it ended"),
@@ -187,6 +278,7 @@ class Config:
     read_concurrency: int
     read_ahead_hours: int
     max_hours_per_run: int
+    max_export_file_bytes: int
     start_hour: datetime | None
     marker_lag: timedelta
     lateness_window: timedelta
@@ -214,29 +306,31 @@ class _Environment:
             raise ConfigError(name, f"{why} (it is unset or empty)")
         return value
 
-    def integer(self, name: str, default: int, minimum: int, maximum: int | None = None) -> int:
+    def integer(self, name: str, default: int, minimum: int, maximum: int) -> int:
+        """A whole number from ``minimum`` to ``maximum``; the error states that range."""
         raw = self.text(name)
         if raw is None:
             return default
-        try:
-            value = int(raw)
-        except ValueError:
-            raise ConfigError(name, f"must be a whole number, got {raw!r}") from None
-        if value < minimum or (maximum is not None and value > maximum):
-            bound = f"between {minimum} and {maximum}" if maximum is not None else f"at least {minimum}"
-            raise ConfigError(name, f"must be {bound}, got {value}")
+        wanted = f"a whole number from {minimum} to {maximum}"
+        # Only ASCII digits: int() also takes other scripts' digits, and a long text costs time.
+        if len(raw) > 20 or not re.fullmatch(r"[+-]?[0-9]+", raw):
+            raise ConfigError(name, f"must be {wanted}, got {shown_text(raw)}")
+        value = int(raw)
+        if not minimum <= value <= maximum:
+            raise ConfigError(name, f"must be {wanted}, got {value}")
         return value
 
-    def number(self, name: str, default: float, minimum: float) -> float:
+    def number(self, name: str, default: float, minimum: float, maximum: float) -> float:
+        """A decimal number from ``minimum`` to ``maximum``; the error states that range."""
         raw = self.text(name)
         if raw is None:
             return default
         try:
-            value = float(raw)
+            value = float(raw) if len(raw) <= 40 else math.nan
         except ValueError:
-            raise ConfigError(name, f"must be a number, got {raw!r}") from None
-        if not math.isfinite(value) or value < minimum:
-            raise ConfigError(name, f"must be a finite number of at least {minimum}, got {raw!r}")
+            value = math.nan
+        if not minimum <= value <= maximum:  # NaN and infinities fail this too
+            raise ConfigError(name, f"must be a number from {minimum:g} to {maximum:g}, got {shown_text(raw)}")
         return value
 
     def flag(self, name: str, default: bool) -> bool:
@@ -289,21 +383,45 @@ def _is_loopback(host: str) -> bool:
     try:
         import ipaddress
 
-        return ipaddress.ip_address(host).is_loopback
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
 
 
-def _check_url(variable: str, url: str, carries_credentials: bool) -> str:
-    parts = urlsplit(url)
-    if parts.scheme not in ("https", "http") or not parts.hostname:
-        raise ConfigError(variable, f"must be an http(s) URL with a host, got {url!r}")
-    if carries_credentials and parts.scheme == "http" and not _is_loopback(parts.hostname):
+def _check_url(variable: str, url: str, carries_credentials: bool) -> Any:
+    """Check a Clazar URL with urllib3's parser, the one requests connects by, and return its parts.
+
+    Raises ConfigError naming ``variable`` for anything but an http(s) URL with a
+    host: a backslash, a user name or password (userinfo), whitespace or control
+    characters, a port outside 1-65535, or plain http:// to a host that is not
+    loopback when credentials travel. Parsers disagree on such URLs (urlsplit
+    reads ``http://a:1\\@127.0.0.1/`` as loopback, urllib3 connects to ``a``), so
+    they are refused rather than interpreted.
+    """
+    from urllib3.exceptions import LocationParseError
+    from urllib3.util import parse_url
+
+    if "\\" in url:
+        raise ConfigError(variable, "must not contain a backslash, which URL parsers read differently")
+    if re.search(r"[\s\x00-\x1f\x7f]", url):
+        raise ConfigError(variable, f"must not contain spaces or control characters, got {shown_text(url)}")
+    try:
+        parts = parse_url(url)
+    except LocationParseError:
+        raise ConfigError(variable, f"is not a URL urllib3 can parse (is the port from 1 to 65535?): {shown_text(url)}") from None
+    if parts.auth is not None or "@" in (parts.netloc or ""):
+        # Never echo it: userinfo is where a password would be.
+        raise ConfigError(variable, "must not carry a user name or password (user@ or user:password@ before the host)")
+    if parts.scheme not in ("https", "http") or not parts.host:
+        raise ConfigError(variable, f"must be an http(s) URL with a host, got {shown_text(url)}")
+    if parts.port is not None and not 1 <= parts.port <= 65535:
+        raise ConfigError(variable, f"has port {parts.port}; a port must be from 1 to 65535")
+    if carries_credentials and parts.scheme == "http" and not _is_loopback(parts.host):
         raise ConfigError(
             variable,
-            f"uses plain http:// to {parts.hostname}; credentials and tokens would travel unencrypted, use https://",
+            f"uses plain http:// to {parts.host}; credentials and tokens would travel unencrypted, use https://",
         )
-    return url
+    return parts
 
 
 def split_s3_url(path: str) -> tuple[str, str] | None:
@@ -373,10 +491,10 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
         client_secret = env.required("CLAZAR_CLIENT_SECRET", "is required to send (or use --dry-run)")
 
     credentials_travel = sends and not is_dry_run
-    api_url = _check_url("CLAZAR_API_URL", env.text("CLAZAR_API_URL", DEFAULT_API_URL), credentials_travel)
-    origin = urlsplit(api_url)
+    api_url = env.text("CLAZAR_API_URL", DEFAULT_API_URL)
+    origin = _check_url("CLAZAR_API_URL", api_url, credentials_travel)
     auth_url = env.text("CLAZAR_AUTH_URL", f"{origin.scheme}://{origin.netloc}/authenticate/")
-    auth_url = _check_url("CLAZAR_AUTH_URL", auth_url, credentials_travel)
+    _check_url("CLAZAR_AUTH_URL", auth_url, credentials_travel)
 
     start_text = env.text("START_HOUR")
     start_hour = None
@@ -384,9 +502,11 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
         try:
             start_hour = parse_utc(start_text)
         except ValueError:
-            raise ConfigError("START_HOUR", f"must be a UTC hour like 2025-07-23T16:00:00Z, got {start_text!r}") from None
+            raise ConfigError("START_HOUR", f"must be a UTC hour from {format_time(EARLIEST_TIME)} to "
+                              f"{format_time(LATEST_TIME - HOUR)}, like 2025-07-23T16:00:00Z, "
+                              f"got {shown_text(start_text)}") from None
         if start_hour != floor_hour(start_hour):
-            raise ConfigError("START_HOUR", f"must fall on a whole hour, got {start_text!r}")
+            raise ConfigError("START_HOUR", f"must fall on a whole hour, got {shown_text(start_text)}")
 
     source_dimensions = tuple(
         name.strip() for name in env.text("OMNISTRATE_DIMENSIONS", ",".join(OMNISTRATE_DIMENSIONS)).split(",") if name.strip()
@@ -408,18 +528,19 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
         batch_size=env.integer("CLAZAR_BATCH_SIZE", 25, 1, 1000),
         send_concurrency=env.integer("CLAZAR_CONCURRENCY", 4, 1, 64),
         max_retries=env.integer("CLAZAR_MAX_RETRIES", 5, 0, 20),
-        timeout_seconds=env.number("CLAZAR_TIMEOUT_SECONDS", 20.0, 0.1),
-        backoff_seconds=env.number("CLAZAR_BACKOFF_SECONDS", 1.0, 0.0),
-        retry_after_max_seconds=env.number("CLAZAR_RETRY_AFTER_MAX_SECONDS", 60.0, 0.0),
+        timeout_seconds=env.number("CLAZAR_TIMEOUT_SECONDS", 20.0, 0.1, 600.0),
+        backoff_seconds=env.number("CLAZAR_BACKOFF_SECONDS", 1.0, 0.0, 60.0),
+        retry_after_max_seconds=env.number("CLAZAR_RETRY_AFTER_MAX_SECONDS", 60.0, 0.0, 3600.0),
         state_path=state_path,
         ledger_path=_ledger_path(env.text("LEDGER_PATH"), state_path),
-        ledger_retention_days=env.integer("LEDGER_RETENTION_DAYS", 400, 1),
+        ledger_retention_days=env.integer("LEDGER_RETENTION_DAYS", 400, 1, 36500),
         late_usage=env.choice("LATE_USAGE", "report", ("report", "carry")),
         late_lookback_hours=env.integer("LATE_USAGE_LOOKBACK_HOURS", 24, 0, 24 * 400),
-        lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 5),
+        lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 5, 86400),
         read_concurrency=env.integer("S3_READ_CONCURRENCY", 32, 1, 256),
         read_ahead_hours=env.integer("READ_AHEAD_HOURS", 2, 0, 8),
-        max_hours_per_run=env.integer("MAX_HOURS_PER_RUN", 24, 1),
+        max_hours_per_run=env.integer("MAX_HOURS_PER_RUN", 24, 1, 24 * 366),
+        max_export_file_bytes=env.integer("MAX_EXPORT_FILE_BYTES", DEFAULT_MAX_EXPORT_FILE_BYTES, 1024, 2**30),
         start_hour=start_hour,
         marker_lag=timedelta(minutes=env.integer("EXPORT_MARKER_LAG_MINUTES", 0, 0, 24 * 60)),
         lateness_window=timedelta(hours=env.integer("LATENESS_WINDOW_HOURS", LATENESS_WINDOWS[cloud], 1, 24 * 400)),
@@ -443,26 +564,38 @@ class MarkerError(MeteringError):
 
 HOUR = timedelta(hours=1)
 _TIME_PATTERN = re.compile(
-    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2})(?::(\d{2})(?::(\d{2})(?:\.\d+)?)?)?)?\s*(Z|[+-]\d{2}:?\d{2})?$",
-    re.IGNORECASE,
+    r"^(\d{4})-(\d{2})-(\d{2})(?:[T ](\d{2})(?::(\d{2})(?::(\d{2})(?:\.\d{1,9})?)?)?)?\s*(Z|[+-]\d{2}:?\d{2})?$",
+    re.IGNORECASE | re.ASCII,
 )
+# Every time the exporter accepts, from a variable, the marker, the state or the
+# ledger, lies in this range: far from datetime's limits, so adding an hour or a
+# day to it, or a retention of days, can never overflow.
+EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=timezone.utc)
+LATEST_TIME = datetime(3000, 1, 1, tzinfo=timezone.utc)
 
 
 def parse_utc(text: str) -> datetime:
     """Parse an ISO 8601 time into an aware UTC datetime; a time with no offset is UTC.
 
-    Fractions of a second are dropped. Raises ValueError on anything else.
+    Fractions of a second are dropped. Raises ValueError on anything else, and on a
+    time before EARLIEST_TIME or from LATEST_TIME on.
     """
-    match = _TIME_PATTERN.match(text.strip()) if isinstance(text, str) else None
+    match = _TIME_PATTERN.match(text.strip()) if isinstance(text, str) and len(text) <= 64 else None
     if not match:
-        raise ValueError(f"not an ISO 8601 time: {text!r}")
+        raise ValueError(f"not an ISO 8601 time: {shown_text(text)}")
     year, month, day, hour, minute, second, offset = match.groups()
-    moment = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0))
-    if offset and offset.upper() != "Z":
-        sign = 1 if offset[0] == "+" else -1
-        digits = offset[1:].replace(":", "")
-        moment -= sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
-    return moment.replace(tzinfo=timezone.utc)
+    try:
+        moment = datetime(int(year), int(month), int(day), int(hour or 0), int(minute or 0), int(second or 0),
+                          tzinfo=timezone.utc)
+        if offset and offset.upper() != "Z":
+            sign = 1 if offset[0] == "+" else -1
+            digits = offset[1:].replace(":", "")
+            moment -= sign * timedelta(hours=int(digits[:2]), minutes=int(digits[2:]))
+    except (ValueError, OverflowError) as error:
+        raise ValueError(f"not a valid time: {shown_text(text)} ({error})") from None
+    if not EARLIEST_TIME <= moment < LATEST_TIME:
+        raise ValueError(f"{shown_text(text)} is outside {format_time(EARLIEST_TIME)} .. {format_time(LATEST_TIME)}")
+    return moment
 
 
 def format_time(moment: datetime) -> str:
@@ -489,27 +622,32 @@ class ExportMarker:
 
     processed_to: Mapping[str, datetime]
     updated_at: Mapping[str, datetime]
+    # Entries that are not the documented shape, with what is wrong: each fails
+    # only its own service.
+    problems: Mapping[str, str] = field(default_factory=dict)
 
     @classmethod
     def parse(cls, body: bytes, where: str) -> ExportMarker:
-        """Parse the marker. Raises MarkerError naming ``where`` if it is not the documented shape."""
+        """Parse the marker. Raises MarkerError naming ``where`` if it is not a JSON object;
+        an entry that is not the documented shape is kept as a problem of its key."""
         try:
-            document = json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError) as error:
+            document = parse_json(body)
+        except ValueError as error:
             raise MarkerError(f"export marker {where} is not valid JSON: {error}") from None
         if not isinstance(document, dict):
             raise MarkerError(f"export marker {where} is not a JSON object")
-        processed_to, updated_at = {}, {}
+        processed_to, updated_at, problems = {}, {}, {}
         for key, entry in document.items():
-            if not isinstance(entry, dict) or "last_processed_to" not in entry:
-                raise MarkerError(f"export marker {where}: entry {key!r} has no last_processed_to")
             try:
+                if not isinstance(entry, dict) or "last_processed_to" not in entry:
+                    raise ValueError("has no last_processed_to")
                 processed_to[key] = parse_utc(entry["last_processed_to"])
                 if entry.get("last_updated_at"):
                     updated_at[key] = parse_utc(entry["last_updated_at"])
             except ValueError as error:
-                raise MarkerError(f"export marker {where}: entry {key!r}: {error}") from None
-        return cls(processed_to, updated_at)
+                processed_to.pop(key, None)
+                problems[key] = f"export marker {where}: entry {shown_text(key)}: {error}"
+        return cls(processed_to, updated_at, problems)
 
     def final_before(self, service_key: str, lag: timedelta = timedelta(0)) -> datetime:
         """The moment before which exported data of ``service_key`` is final.
@@ -519,9 +657,11 @@ class ExportMarker:
         Raises MarkerError naming the key and the keys present if it is missing: that
         service must wait, not be treated as empty.
         """
+        if service_key in self.problems:
+            raise MarkerError(self.problems[service_key])
         if service_key not in self.processed_to:
             present = sorted(self.processed_to)
-            shown = ", ".join(repr(key) for key in present[:20]) + (" ..." if len(present) > 20 else "")
+            shown = ", ".join(shown_text(key) for key in present[:20]) + (" ..." if len(present) > 20 else "")
             raise MarkerError(
                 f"export marker has no entry for {service_key!r}; it holds {len(present)} key(s): {shown or 'none'}"
             )
@@ -584,6 +724,21 @@ class HourListing:
     files: list[str]
     ignored: list[str]
     digest: str
+    # Each export file's size as the listing gives it, to refuse a file too large
+    # before reading it.
+    sizes: Mapping[str, int] = field(default_factory=dict)
+
+
+DEFAULT_MAX_EXPORT_FILE_BYTES = 64 * 2**20
+
+
+def oversized_file(listing: HourListing, limit: int) -> str | None:
+    """The problem with the first export file of ``listing`` larger than ``limit`` bytes, or None."""
+    for key in listing.files:
+        size = listing.sizes.get(key, 0)
+        if size > limit:
+            return f"{key}: {size} bytes, more than MAX_EXPORT_FILE_BYTES ({limit} bytes); the file was not read"
+    return None
 
 
 class ExportSource:
@@ -593,10 +748,11 @@ class ExportSource:
     connection pool is as large, however many hours are being read at once.
     """
 
-    def __init__(self, client: Any, bucket: str, workers: int = 16):
+    def __init__(self, client: Any, bucket: str, workers: int = 16, max_file_bytes: int = DEFAULT_MAX_EXPORT_FILE_BYTES):
         self.client = client
         self.bucket = bucket
         self.workers = workers
+        self.max_file_bytes = max_file_bytes
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="s3-read")
 
     def close(self) -> None:
@@ -610,12 +766,30 @@ class ExportSource:
         """
         where = f"s3://{self.bucket}/{MARKER_KEY}"
         try:
-            body = self.client.get_object(Bucket=self.bucket, Key=MARKER_KEY)["Body"].read()
+            body = self._get(MARKER_KEY)
+        except SourceError as error:
+            raise MarkerError(f"export marker {where}: {error}") from None
         except Exception as error:
             if _error_code(error) in ("NoSuchKey", "404"):
                 return None
             raise MarkerError(f"cannot read export marker {where}: {error}") from None
         return ExportMarker.parse(body, where)
+
+    def _get(self, key: str) -> bytes:
+        """The body of ``key``, read no further than ``max_file_bytes``.
+
+        Raises SourceError if the object is larger (it may have grown since it was
+        listed), and boto3's own errors.
+        """
+        answer = self.client.get_object(Bucket=self.bucket, Key=key)
+        with contextlib.closing(answer["Body"]) as stream:
+            size = answer.get("ContentLength")
+            if isinstance(size, int) and size > self.max_file_bytes:
+                raise SourceError(f"{key}: {size} bytes, more than MAX_EXPORT_FILE_BYTES ({self.max_file_bytes} bytes)")
+            body = stream.read(self.max_file_bytes + 1)
+        if len(body) > self.max_file_bytes:
+            raise SourceError(f"{key}: more than MAX_EXPORT_FILE_BYTES ({self.max_file_bytes} bytes)")
+        return body
 
     def list_hour(self, prefix: str) -> HourListing:
         """Every key under ``prefix``, paginated, and a digest of the export files' keys and ETags.
@@ -623,7 +797,7 @@ class ExportSource:
         The digest changes when a file is added, removed or rewritten, which is how
         usage arriving after its hour was billed is noticed.
         """
-        files, ignored, fingerprint = [], [], hashlib.sha256()
+        files, ignored, sizes, fingerprint = [], [], {}, hashlib.sha256()
         try:
             paginator = self.client.get_paginator("list_objects_v2")
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
@@ -632,17 +806,21 @@ class ExportSource:
                     name = key[len(prefix):]
                     if name.endswith(".json") and "/" not in name:
                         files.append(key)
+                        sizes[key] = item.get("Size", 0)
                         # Listing order is by key, so the digest does not depend on paging.
                         fingerprint.update(f"{name}\t{item.get('ETag', '')}\n".encode())
                     else:
                         ignored.append(key)
         except Exception as error:
             raise SourceError(f"cannot list s3://{self.bucket}/{prefix}: {error}") from None
-        return HourListing(files, ignored, fingerprint.hexdigest()[:32])
+        return HourListing(files, ignored, fingerprint.hexdigest()[:32], sizes)
 
     def read(self, key: str) -> bytes:
+        """The body of one export file. Raises SourceError if it cannot be read or is too large."""
         try:
-            return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
+            return self._get(key)
+        except SourceError:
+            raise
         except Exception as error:
             raise SourceError(f"cannot read s3://{self.bucket}/{key}: {error}") from None
 
@@ -685,10 +863,81 @@ class FormulaError(MeteringError):
 
 # Omnistrate's own query casts value to BIGINT; anything larger is corrupt data.
 MAX_VALUE = 2**63 - 1
+# An export number is converted exactly only when its text is at most this long,
+# below 10**21 and with at most MAX_DECIMAL_PLACES decimal places: 1e999999999
+# would otherwise take 10**999999999 to hold, and 1e-99999 a 100,000-digit
+# denominator. Every double an export could hold as usage fits.
+MAX_NUMBER_TEXT = 40
+MAX_DECIMAL_PLACES = 40
+# Contract ids and dimensions are sent to Clazar and written everywhere; longer
+# ones, or ones holding control characters, are corrupt data.
+MAX_NAME_LENGTH = 256
 
 
-def _reject_constant(name: str) -> None:
-    raise ValueError(f"{name} is not a number JSON allows")
+class NumberOutOfRange:
+    """A JSON number too long, too large or too fine to convert exactly at a bounded cost."""
+
+    __slots__ = ("text",)
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
+def _bounded_integer(text: str) -> int | NumberOutOfRange:
+    return int(text) if len(text) <= MAX_NUMBER_TEXT else NumberOutOfRange(text)
+
+
+def _bounded_decimal(text: str) -> Decimal | NumberOutOfRange:
+    """The Decimal of a JSON number with a fraction or exponent, checked from its text first."""
+    if len(text) > MAX_NUMBER_TEXT:
+        return NumberOutOfRange(text)
+    try:
+        number = Decimal(text)
+    except ArithmeticError:  # an exponent beyond what Decimal holds
+        return NumberOutOfRange(text)
+    exponent = number.as_tuple().exponent
+    if number.adjusted() > 20 or exponent < -MAX_DECIMAL_PLACES:
+        return NumberOutOfRange(text)
+    return number
+
+
+def _shown_json(value: Any) -> str:
+    """A field's value as JSON, cut short, for error messages."""
+    if isinstance(value, (dict, list)):
+        return "a JSON " + ("object" if isinstance(value, dict) else "array")
+    text = value.text if isinstance(value, NumberOutOfRange) else json.dumps(
+        value[:41] if isinstance(value, str) else value, default=str)
+    return text[:40] + ("..." if len(text) > 40 else "")
+
+
+def _export_number(record: Mapping[str, Any], name: str, where: str) -> int | Fraction:
+    """``record[name]`` exactly, or raise ExportFileError naming ``where``: it must be
+    a JSON number from 0 to MAX_VALUE with at most MAX_DECIMAL_PLACES decimal places."""
+    value = _exact_number(record.get(name))
+    if value is None or not 0 <= value <= MAX_VALUE:
+        raise ExportFileError(f"{where}: {name} {_shown_json(record.get(name))} is not a finite non-negative number "
+                              f"within 64 bits (at most {MAX_DECIMAL_PLACES} decimal places)")
+    return value
+
+
+def billing_name_problem(text: str) -> str | None:
+    """What is wrong with a contract id or dimension, or None: at most MAX_NAME_LENGTH
+    characters and no control characters."""
+    if len(text) > MAX_NAME_LENGTH:
+        return f"is {len(text)} characters long, more than {MAX_NAME_LENGTH}"
+    if CONTROL_CHARACTERS.search(text):
+        return f"{shown_text(text)} holds control characters"
+    return None
+
+
+def _check_billing_name(where: str, name: str, text: str) -> None:
+    """Raise ExportFileError naming ``where`` if billing_name_problem finds one in ``text``."""
+    problem = billing_name_problem(text)
+    if problem:
+        raise ExportFileError(f"{where}: {name} {problem}")
 
 
 def _exact_number(value: Any) -> int | Fraction | None:
@@ -729,17 +978,20 @@ def parse_export_file(key: str, body: bytes, *, with_prices: bool = False) -> Fi
     Records with no externalPayerId or dimension are counted as unattributable.
 
     Raises ExportFileError naming ``key`` if the body is not a UTF-8 JSON array of
-    objects, or a record's value is missing or not a finite non-negative number no
-    larger than a 64-bit integer (or, ``with_prices``, its pricePerUnit is invalid).
+    objects (see parse_json: no repeated field, at most MAX_JSON_DEPTH levels), a
+    record's value is missing or not a finite non-negative number no larger than a
+    64-bit integer with at most MAX_DECIMAL_PLACES decimal places (or, ``with_prices``,
+    its pricePerUnit is not), or its externalPayerId or dimension is not a string,
+    is longer than MAX_NAME_LENGTH or holds control characters. Numbers are checked
+    from their text before any exact conversion, so every file costs time in
+    proportion to its size.
     """
     if body[:2] == b"\x1f\x8b":
         raise ExportFileError(f"{key}: gzip-compressed bytes, expected plain UTF-8 JSON")
     try:
-        records = json.loads(body.decode("utf-8"), parse_float=Decimal, parse_constant=_reject_constant)
-    except UnicodeDecodeError as error:
-        raise ExportFileError(f"{key}: not UTF-8 text ({error.reason} at byte {error.start})") from None
+        records = parse_json(body, parse_float=_bounded_decimal, parse_int=_bounded_integer)
     except ValueError as error:
-        raise ExportFileError(f"{key}: not valid JSON ({error})") from None
+        raise ExportFileError(f"{key} {error}") from None
     if not isinstance(records, list):
         raise ExportFileError(f"{key}: expected a JSON array of records, found a JSON {type(records).__name__}")
     usage = FileUsage(rows=[], records=len(records))
@@ -747,19 +999,12 @@ def parse_export_file(key: str, body: bytes, *, with_prices: bool = False) -> Fi
         where = f"{key}: record {index}"
         if not isinstance(record, dict):
             raise ExportFileError(f"{where} is a JSON {type(record).__name__}, not an object")
-        value = _exact_number(record.get("value"))
         if "value" not in record:
             raise ExportFileError(f"{where} has no value")
-        if value is None or value < 0 or value > MAX_VALUE:
-            shown = json.dumps(record.get("value"), default=str)[:40]
-            raise ExportFileError(f"{where}: value {shown} is not a finite non-negative number within 64 bits")
+        value = _export_number(record, "value", where)
         price: int | Fraction = 0
         if with_prices and record.get("pricePerUnit") is not None:
-            unit_price = _exact_number(record["pricePerUnit"])
-            if unit_price is None or unit_price < 0:
-                shown = json.dumps(record["pricePerUnit"], default=str)[:40]
-                raise ExportFileError(f"{where}: pricePerUnit {shown} is not a finite non-negative number")
-            price = value * unit_price
+            price = value * _export_number(record, "pricePerUnit", where)
         contract = record.get("externalPayerId")
         dimension = record.get("dimension")
         for name, text in (("externalPayerId", contract), ("dimension", dimension)):
@@ -769,6 +1014,8 @@ def parse_export_file(key: str, body: bytes, *, with_prices: bool = False) -> Fi
             usage.fractional += 1
         contract = (contract or "").strip()
         dimension = (dimension or "").strip()
+        _check_billing_name(where, "externalPayerId", contract)
+        _check_billing_name(where, "dimension", dimension)
         if not contract or not dimension:
             usage.unattributable += 1
             usage.unattributed_subscriptions.add(str(record.get("subscriptionId") or key.rsplit("/", 1)[-1]))
@@ -844,6 +1091,37 @@ class HourUsage:
 PRICE_SUFFIX = "_total_price"
 MAX_FORMULA_LENGTH = 1000
 MAX_EXPONENT = 64
+MAX_ROUND_DIGITS = 20
+# Every value a formula computes, intermediate or final, has a numerator and a
+# denominator below 2**MAX_FORMULA_BITS (about 308 digits), whatever the nesting:
+# each step is checked before the next, and a power before it is computed, so no
+# formula can take unbounded time or memory, and a quantity always fits in text.
+MAX_FORMULA_BITS = 1024
+
+
+class _ValueTooLarge(Exception):
+    pass
+
+
+def _bounded(value: Any) -> Any:
+    """``value`` (an int or a Fraction) if it is within MAX_FORMULA_BITS; else raise _ValueTooLarge."""
+    if isinstance(value, int):
+        bits = value.bit_length()
+    else:
+        bits = max(value.numerator.bit_length(), value.denominator.bit_length())
+    if bits > MAX_FORMULA_BITS:
+        raise _ValueTooLarge
+    return value
+
+
+def _power(base: Any, exponent: int) -> Any:
+    # |a**e| has at least e * (bits(a) - 1) + 1 bits: refuse before computing it.
+    bits = max(Fraction(base).numerator.bit_length(), Fraction(base).denominator.bit_length())
+    if abs(exponent) * (bits - 1) > MAX_FORMULA_BITS:
+        raise _ValueTooLarge
+    return Fraction(base) ** exponent
+
+
 _BINARY = {
     ast.Add: lambda a, b: a + b,
     ast.Sub: lambda a, b: a - b,
@@ -851,7 +1129,7 @@ _BINARY = {
     ast.Div: lambda a, b: Fraction(a) / b,
     ast.FloorDiv: lambda a, b: Fraction(a // b),
     ast.Mod: lambda a, b: Fraction(a) % b,
-    ast.Pow: lambda a, b: Fraction(a) ** b,
+    ast.Pow: _power,
 }
 _FUNCTIONS: dict[str, tuple[Callable[..., Any], int, int | None, str]] = {
     # name: (function, fewest arguments, most arguments or None, how that reads)
@@ -872,25 +1150,29 @@ class Formula:
     tree: ast.expr = field(repr=False, compare=False)
 
     def evaluate(self, values: Mapping[str, Fraction]) -> Fraction:
-        """Evaluate with exact arithmetic. Raises FormulaError on division by zero."""
+        """Evaluate with exact arithmetic. Raises FormulaError on division by zero, or when
+        any value it computes (or is given) is beyond MAX_FORMULA_BITS."""
         try:
             return Fraction(_evaluate(self.tree, values))
         except ZeroDivisionError:
             raise FormulaError(f"{self.variable} ({self.name} = {self.text}) divides by zero") from None
+        except _ValueTooLarge:
+            raise FormulaError(f"{self.variable} ({self.name} = {self.text}) computes a value beyond "
+                               f"2**{MAX_FORMULA_BITS} (numerator or denominator)") from None
 
 
 def _evaluate(node: ast.expr, values: Mapping[str, Fraction]) -> Any:
     if isinstance(node, ast.Constant):
         return node.value
     if isinstance(node, ast.Name):
-        return values.get(node.id, Fraction(0))
+        return _bounded(values.get(node.id, Fraction(0)))
     if isinstance(node, ast.UnaryOp):
         operand = _evaluate(node.operand, values)
         return -operand if isinstance(node.op, ast.USub) else operand
     if isinstance(node, ast.BinOp):
-        return _BINARY[type(node.op)](_evaluate(node.left, values), _evaluate(node.right, values))
+        return _bounded(_BINARY[type(node.op)](_evaluate(node.left, values), _evaluate(node.right, values)))
     function = _FUNCTIONS[node.func.id][0]  # after checking, the only node left is a Call
-    return function(*(_evaluate(argument, values) for argument in node.args))
+    return _bounded(function(*(_evaluate(argument, values) for argument in node.args)))
 
 
 def _exponent(node: ast.expr) -> int | None:
@@ -935,11 +1217,16 @@ def _checked(node: ast.AST, variable: str, source: str, names: frozenset[str], d
         raise refuse("is nested too deeply")
     if isinstance(node, ast.Constant):
         if type(node.value) is int:
-            return node
-        if type(node.value) is float and math.isfinite(node.value):
+            value: Any = node.value
+        elif type(node.value) is float and math.isfinite(node.value):
             # repr is the shortest text that reads back as the literal: 0.01 becomes exactly 1/100.
-            return ast.copy_location(ast.Constant(Fraction(repr(node.value))), node)
-        raise refuse(f"may only contain numbers, not {node.value!r}")
+            value = Fraction(repr(node.value))
+        else:
+            raise refuse(f"may only contain numbers, not {shown_text(node.value)}")
+        try:
+            return ast.copy_location(ast.Constant(_bounded(value)), node)
+        except _ValueTooLarge:
+            raise refuse(f"holds a number beyond 2**{MAX_FORMULA_BITS}") from None
     if isinstance(node, ast.Name):
         if node.id not in names:
             raise refuse(f"uses unknown name {node.id!r}; known: {', '.join(sorted(names))}")
@@ -966,8 +1253,11 @@ def _checked(node: ast.AST, variable: str, source: str, names: frozenset[str], d
             isinstance(argument, ast.Starred) for argument in node.args
         ):
             raise refuse(f"{node.func.id}() takes {arity}")
-        if node.func.id == "round" and count == 2 and _exponent(node.args[1]) is None:
-            raise refuse("round()'s second argument must be a whole-number literal")
+        if node.func.id == "round" and count == 2:
+            digits = _exponent(node.args[1])
+            if digits is None or abs(digits) > MAX_ROUND_DIGITS:
+                raise refuse(f"round()'s second argument must be a whole-number literal from -{MAX_ROUND_DIGITS} "
+                             f"to {MAX_ROUND_DIGITS}")
         node.args = [check(argument) for argument in node.args]
         return node
     shown = ast.get_source_segment(source, node) or type(node).__name__
@@ -1122,13 +1412,18 @@ def classify_result(record: Mapping[str, str], entry: Any) -> RecordResult:
     for name in ("contract_id", "dimension"):
         if entry.get(name) not in (None, record[name]):
             raise ClazarError(f"result entry echoes {name} {entry.get(name)!r} for a record with {record[name]!r}")
+    record_id = entry.get("id")
+    # Kept in the state and the ledger: a string, and of a sane length, or nothing.
+    record_id = record_id[:200] if isinstance(record_id, str) else None
     if entry.get("status") == "success":
-        return RecordResult(DELIVERED, entry.get("id"))
+        return RecordResult(DELIVERED, record_id)
     text = " ".join(_answer_texts(entry)).lower()
     if any(all(marker in text for marker in markers) for markers in _DUPLICATE_MARKERS):
-        return RecordResult(ALREADY_DELIVERED, entry.get("id"), {"status": entry.get("status"), "errors": entry.get("errors")})
-    answer = {name: entry[name] for name in ("status", "errors", "code", "message") if name in entry}
-    return RecordResult(REJECTED, entry.get("id"), answer)
+        return RecordResult(ALREADY_DELIVERED, record_id,
+                            mask_value({"status": entry.get("status"), "errors": entry.get("errors")}))
+    # Clazar's words are stored and shown: masked, and cut to a bounded size, here once for every use.
+    answer = mask_value({name: entry[name] for name in ("status", "errors", "code", "message") if name in entry})
+    return RecordResult(REJECTED, record_id, answer)
 
 
 def read_results(records: Sequence[Mapping[str, str]], body: Any) -> list[RecordResult]:
@@ -1236,12 +1531,13 @@ class ClazarClient:
                     "check CLAZAR_CLIENT_ID and CLAZAR_CLIENT_SECRET"
                 )
             try:
-                body = response.json()
+                body = parse_json(response.content)
                 token = body["access_token"]
-                lifetime = float(body.get("expires_in") or 3600)
-                if not isinstance(token, str) or not token:
-                    raise ValueError("empty access_token")
-            except (ValueError, KeyError, TypeError) as error:
+                # A lifetime beyond a day, or not finite, is taken as a day.
+                lifetime = min(float(body.get("expires_in") or 3600), 86400.0)
+                if not isinstance(token, str) or not token or not 0 <= lifetime:
+                    raise ValueError("empty access_token or negative expires_in")
+            except (ValueError, KeyError, TypeError, OverflowError) as error:
                 raise ClazarAuthError(
                     f"Clazar's authentication answer has no usable access_token ({type(error).__name__})"
                 ) from None
@@ -1288,12 +1584,12 @@ class ClazarClient:
             self.forget_token(token)
             response = self._post(self.config.api_url, {"request": list(records)}, self.token())
         if response.status_code != 200:
-            body = response.text[:300].replace("\n", " ")
+            body = mask_secrets(escape_control(response.content[:300].decode("utf-8", "replace")))
             raise ClazarError(f"Clazar answered HTTP {response.status_code} to {len(records)} records: {body}")
         try:
-            body = response.json()
-        except ValueError:
-            raise ClazarError("Clazar answered 200 with a body that is not JSON") from None
+            body = parse_json(response.content)
+        except ValueError as error:
+            raise ClazarError(f"Clazar answered 200 with a body that {error}") from None
         return read_results(records, body)
 
 
@@ -1350,19 +1646,30 @@ class PendingHour:
 
     @classmethod
     def from_json(cls, data: Any, where: str) -> PendingHour:
+        """Read a pending hour back. Raises StateError naming ``where`` unless it is what
+        this exporter writes: a whole hour, records of exactly that hour (see
+        record_problem), a count, and fractions (see parse_fraction)."""
         if not isinstance(data, dict):
             raise StateError(f"{where}: pending_hour is not an object")
         try:
-            hour = parse_utc(data["hour"])
-            records = tuple(data["records"])
-            for record in records:
-                if not isinstance(record, dict) or not {"contract_id", "dimension", "quantity"} <= set(record):
-                    raise ValueError(f"malformed record {record!r}")
-                if not str(record["quantity"]).isdigit():
-                    raise ValueError(f"malformed quantity {record['quantity']!r}")
-            unattributable = int(data.get("unattributable", 0))
-            sources = str(data.get("sources", ""))
-        except (KeyError, TypeError, ValueError) as error:
+            hour = parse_utc(data.get("hour"))
+            if hour != floor_hour(hour):
+                raise ValueError(f"hour {format_time(hour)} is not a whole hour")
+            records = data.get("records")
+            if not isinstance(records, list):
+                raise ValueError("records is not a list")
+            for index, record in enumerate(records):
+                problem = record_problem(record, hour)
+                if problem:
+                    raise ValueError(f"record {index} {problem}")
+            records = tuple(records)
+            unattributable = data.get("unattributable", 0)
+            if type(unattributable) is not int or unattributable < 0:
+                raise ValueError(f"unattributable {shown_text(unattributable)} is not a count")
+            sources = data.get("sources", "")
+            if not isinstance(sources, str):
+                raise ValueError("sources is not a string")
+        except ValueError as error:
             raise StateError(f"{where}: pending_hour is malformed ({error})") from None
         return cls(hour, records, _fractions_from_json(data.get("remainders", {}), f"{where}: remainders"),
                    unattributable, _fractions_from_json(data.get("amounts", {}), f"{where}: amounts"),
@@ -1377,23 +1684,112 @@ def _fractions_to_json(values: Mapping[tuple[str, str], Fraction]) -> dict[str, 
     return document
 
 
+# The largest amount, remainder or quantity the exporter computes is below 2**1024
+# (MAX_FORMULA_BITS; raw sums stay far below it), so its text has at most this
+# many digits. Read back from the state or the ledger, longer numbers are corrupt,
+# and converting them could cost without bound.
+MAX_AMOUNT_DIGITS = 309
+_DIGITS = f"[0-9]{{1,{MAX_AMOUNT_DIGITS}}}"
+_FRACTION_TEXT = re.compile(f"(-?)({_DIGITS})(?:/({_DIGITS}))?")
+_QUANTITY_TEXT = re.compile(_DIGITS)
+
+
+def parse_fraction(text: Any, *, signed: bool = False) -> Fraction:
+    """An exact amount as the state and the ledger write it: ``"p"`` or ``"p/q"`` in ASCII
+    digits, at most MAX_AMOUNT_DIGITS each, ``-`` first only if ``signed``.
+
+    Raises ValueError for anything else: Fraction itself would also take ``"1e999999999"``
+    and compute it.
+    """
+    match = _FRACTION_TEXT.fullmatch(text) if isinstance(text, str) else None
+    if not match or (match.group(1) and not signed) or match.group(3) is not None and not int(match.group(3)):
+        kind = "a fraction" if signed else "a non-negative fraction"
+        raise ValueError(f"{shown_text(text)} is not {kind} like \"3/4\"")
+    value = Fraction(int(match.group(2)), int(match.group(3) or 1))
+    return -value if match.group(1) else value
+
+
+def record_problem(record: Any, hour: datetime) -> str | None:
+    """What is wrong with a Clazar record of ``hour`` kept in the state, or None.
+
+    It must hold exactly RECORD_FIELDS, all strings: a known cloud, a contract id
+    and dimension as billing_name_problem wants them, the hour's start and end,
+    and a quantity of ASCII digits ("²" passes str.isdigit, and int() refuses it).
+    """
+    if not isinstance(record, dict) or set(record) != set(RECORD_FIELDS):
+        return f"does not hold exactly the fields {', '.join(RECORD_FIELDS)}"
+    for name in RECORD_FIELDS:
+        if not isinstance(record[name], str):
+            return f"has a {name} that is not a string"
+    if record["cloud"] not in CLOUDS:
+        return f"has cloud {shown_text(record['cloud'])}"
+    for name in ("contract_id", "dimension"):
+        problem = billing_name_problem(record[name]) or (None if record[name] else "is empty")
+        if problem:
+            return f"has a {name} that {problem}"
+    if record["start_time"] != format_time(hour) or record["end_time"] != format_time(hour + HOUR):
+        return f"is not for the hour {format_time(hour)} .. {format_time(hour + HOUR)}"
+    if not _QUANTITY_TEXT.fullmatch(record["quantity"]):
+        return f"has quantity {shown_text(record['quantity'])}, not ASCII digits"
+    return None
+
+
 def _fractions_from_json(document: Any, where: str) -> dict[tuple[str, str], Fraction]:
-    """The reverse of _fractions_to_json. Raises StateError on anything but non-negative fractions."""
+    """The reverse of _fractions_to_json. Raises StateError naming ``where`` on anything
+    but valid contract ids and dimensions mapped to non-negative fractions."""
     if not isinstance(document, dict):
         raise StateError(f"{where} is not an object")
     values = {}
     for contract, dimensions in document.items():
         if not isinstance(dimensions, dict):
-            raise StateError(f"{where}: {contract!r} is not an object")
+            raise StateError(f"{where}: {shown_text(contract)} is not an object")
         for dimension, text in dimensions.items():
             try:
-                value = Fraction(str(text))
-            except (ValueError, ZeroDivisionError):
-                raise StateError(f"{where}: {contract}/{dimension} is not a fraction: {text!r}") from None
-            if value < 0:
-                raise StateError(f"{where}: {contract}/{dimension} = {text} is negative")
-            values[contract, dimension] = value
+                problem = billing_name_problem(contract) or billing_name_problem(dimension)
+                if problem:
+                    raise ValueError(problem)
+                values[contract, dimension] = parse_fraction(text)
+            except ValueError as error:
+                raise StateError(f"{where}: {shown_text(contract)}/{shown_text(dimension)}: {error}") from None
     return values
+
+
+def _rejected_problem(item: Any) -> str | None:
+    """What is wrong with a kept rejected record, or None: retry-failed resends its record fields."""
+    if not isinstance(item, dict):
+        return "is not an object"
+    try:
+        hour = parse_utc(item.get("start_time"))
+    except ValueError as error:
+        return f"has start_time {error}"
+    problem = record_problem({name: item.get(name) for name in RECORD_FIELDS}, hour)
+    if problem:
+        return problem
+    if "attempts" in item and (type(item["attempts"]) is not int or not 0 < item["attempts"] < 10**9):
+        return f"has attempts {shown_text(item['attempts'])}, not a count"
+    return None
+
+
+def _late_usage_problem(item: Any) -> str | None:
+    """What is wrong with a late-usage note kept for ``status``, or None."""
+    if not isinstance(item, dict):
+        return "is not an object"
+    for name in ("hour", "contract_id", "dimension", "difference", "action"):
+        if not isinstance(item.get(name), str):
+            return f"has no {name} string"
+    return None
+
+
+def _source_problem(item: tuple[str, Any]) -> str | None:
+    """What is wrong with a (processed hour, digest of its files) pair, or None."""
+    hour_text, digest = item
+    try:
+        hour = parse_utc(hour_text)
+    except ValueError as error:
+        return f"names no hour: {error}"
+    if hour != floor_hour(hour) or not isinstance(digest, str):
+        return f"{shown_text(hour_text)} is not a whole hour with a digest string"
+    return None
 
 
 def _state_time(entry: Mapping[str, Any], name: str, where: str, kind: str) -> datetime | None:
@@ -1404,7 +1800,8 @@ def _state_time(entry: Mapping[str, Any], name: str, where: str, kind: str) -> d
     try:
         return parse_utc(text)
     except ValueError:
-        raise StateError(f"{where}: {name} {text!r} is not a UTC {kind}") from None
+        raise StateError(f"{where}: {name} {shown_text(text)} is not a UTC {kind} within "
+                         f"{format_time(EARLIEST_TIME)} .. {format_time(LATEST_TIME)}") from None
 
 
 @dataclass(frozen=True)
@@ -1446,6 +1843,13 @@ class ServiceState:
         late_usage = entry.get("late_usage", [])
         if not isinstance(sources, dict) or not isinstance(late_usage, list):
             raise StateError(f"{where}: sources is not an object or late_usage is not a list")
+        for name, items, problem_of in (("rejected", rejected, _rejected_problem),
+                                        ("late_usage", late_usage, _late_usage_problem),
+                                        ("sources", list(sources.items()), _source_problem)):
+            for index, item in enumerate(items):
+                problem = problem_of(item)
+                if problem:
+                    raise StateError(f"{where}: {name} item {index} {problem}")
         return cls(
             last_processed_hour=last,
             remainders=_fractions_from_json(entry.get("remainders", {}), f"{where}: remainders"),
@@ -1509,9 +1913,9 @@ class ServiceState:
 def parse_state(body: bytes, where: str) -> dict[str, Any]:
     """Parse a state document: a JSON object keyed by service key. Raises StateError."""
     try:
-        document = json.loads(body.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as error:
-        raise StateError(f"state {where} is not valid JSON ({error}); it was left untouched, fix or restore it") from None
+        document = parse_json(body)
+    except ValueError as error:
+        raise StateError(f"state {where} {error}; it was left untouched, fix or restore it") from None
     if not isinstance(document, dict):
         raise StateError(f"state {where} is not a JSON object; it was left untouched, fix or restore it")
     for key, entry in document.items():
@@ -1558,6 +1962,24 @@ def write_file_atomically(path: str, chunks: Iterable[bytes], mode: int = 0o600)
         os.close(folder_descriptor)
 
 
+def make_private_folders(path: str) -> None:
+    """Create ``path`` and every missing folder above it with mode 0700.
+
+    os.makedirs gives only the last folder its mode; the others follow the umask,
+    0777 under umask 000. Raises OSError.
+    """
+    missing = []
+    while path and not os.path.isdir(path):
+        missing.append(path)
+        parent = os.path.dirname(path)
+        if parent == path:
+            break
+        path = parent
+    for folder in reversed(missing):
+        with contextlib.suppress(FileExistsError):  # another process made it first
+            os.mkdir(folder, 0o700)
+
+
 def _write_lock_owner(handle: io.TextIOBase) -> None:
     handle.seek(0)
     handle.truncate()
@@ -1573,24 +1995,37 @@ class LocalStateStore:
     """
 
     def __init__(self, path: str):
-        self.path = os.path.abspath(path)
-        self.display = path
+        # A symbolic link is resolved once, here: the state is then written beside
+        # its target and replaces the target (the link stays), and every run, by the
+        # link or by the target's own path, takes the same lock, <target>.lock.
+        self.path = os.path.realpath(path)
+        self.display = path if self.path == os.path.abspath(path) else f"{path} (-> {self.path})"
         self._lock_handle: Any = None
 
     def acquire(self) -> None:
-        """Take the lock or raise LockHeld naming its holder."""
+        """Take the lock or raise LockHeld naming its holder.
+
+        Raises StateError if the lock file cannot be opened, or is a symbolic link or
+        not a regular file: opening it through a link would truncate the link's target.
+        """
         lock_path = self.path + ".lock"
         try:
-            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+            descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as error:
+            if error.errno == errno.ELOOP:
+                raise StateError(f"lock file {lock_path} is a symbolic link; it was not opened through it. "
+                                 "Remove the link (no run uses it) and run again") from None
             raise StateError(f"cannot open lock file {lock_path}: {error.strerror}") from None
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            os.close(descriptor)
+            raise StateError(f"lock file {lock_path} is not a regular file; remove it and run again")
         handle = os.fdopen(descriptor, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as error:
             if error.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
                 raise
-            holder = handle.read().strip() or "unknown"
+            holder = escape_control(handle.read(300).strip()) or "unknown"
             handle.close()
             raise LockHeld(f"another run holds the lock {lock_path} ({holder}); this run did nothing") from None
         _write_lock_owner(handle)
@@ -1680,13 +2115,13 @@ class S3StateStore:
     def _take_over_expired(self, where: str) -> None:
         try:
             answer = self.client.get_object(Bucket=self.bucket, Key=self.lock_key)
-            holder = json.loads(answer["Body"].read().decode("utf-8"))
-            expires = parse_utc(holder["expires_at"])
+            holder = parse_json(answer["Body"].read(2**16))
+            expires = parse_utc(holder.get("expires_at") if isinstance(holder, dict) else None)
         except Exception as error:
             if _error_code(error) in ("NoSuchKey", "404"):
                 raise LockHeld(f"the lease {where} changed hands while this run looked at it; this run did nothing") from None
             raise LockHeld(f"the lease {where} exists but cannot be read ({error}); if no run is active, delete it") from None
-        who = f"owner {holder.get('owner')} on {holder.get('host')}, pid {holder.get('pid')}"
+        who = escape_control(f"owner {holder.get('owner')} on {holder.get('host')}, pid {holder.get('pid')}")[:300]
         if expires > self.clock():
             raise LockHeld(f"another run holds the lock {where} ({who}) until {format_time(expires)}; this run did nothing")
         try:
@@ -1810,16 +2245,19 @@ class LocalLedgerStorage:
     def write(self, name: str, chunks: Iterable[bytes]) -> None:
         path = os.path.join(self.root, name)
         try:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            make_private_folders(os.path.dirname(path))
             write_file_atomically(path, chunks)
         except OSError as error:
             raise LedgerError(f"cannot write ledger {path}: {error.strerror or error}") from None
 
     def names(self, folder: str) -> list[str]:
+        path = os.path.join(self.root, folder)
         try:
-            return sorted(os.listdir(os.path.join(self.root, folder)))
+            return sorted(os.listdir(path))
         except FileNotFoundError:
             return []
+        except OSError as error:
+            raise LedgerError(f"cannot list ledger {path}: {error.strerror or error}") from None
 
     def delete_folder(self, folder: str) -> None:
         path = os.path.join(self.root, folder)
@@ -1885,6 +2323,10 @@ class S3LedgerStorage:
             raise LedgerError(f"cannot delete ledger {self.display}{folder}/: {error}") from None
 
 
+_DAY_FOLDER = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}")
+_HOUR_FILE = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}\.jsonl")
+
+
 def _day_folder(day: datetime) -> str:
     return day.strftime("%Y-%m-%d")
 
@@ -1918,6 +2360,49 @@ def ledger_record_lines(service_key: str, pending: PendingHour, results: Mapping
         }
 
 
+def ledger_line_problem(line: Any) -> str | None:
+    """What is wrong with one ledger line read back, or None.
+
+    Every line is an object of kind ``record`` or ``late`` naming a service, a
+    contract id and dimension (as billing_name_problem wants them) and a whole
+    hour. A ``record`` line has a whole quantity, an outcome, a record id string
+    or null, and when present an amount and carried_in (non-negative fractions)
+    and a retry flag; a ``late`` line a difference (a signed fraction) and an action.
+    """
+    if not isinstance(line, dict):
+        return f"is a JSON {type(line).__name__}, not an object"
+    for name in ("kind", "service", "contract_id", "dimension", "hour"):
+        if not isinstance(line.get(name), str):
+            return f"has no {name} string"
+    if line["kind"] not in ("record", "late"):
+        return f"has kind {shown_text(line['kind'])}, not record or late"
+    try:
+        problem = billing_name_problem(line["contract_id"]) or billing_name_problem(line["dimension"])
+        if problem:
+            return f"has a contract_id or dimension that {problem}"
+        hour = parse_utc(line["hour"])
+        if hour != floor_hour(hour):
+            return f"has hour {shown_text(line['hour'])}, not a whole hour"
+        if line["kind"] == "record":
+            quantity = line.get("quantity")
+            if type(quantity) is not int or not 0 <= quantity < 10**MAX_AMOUNT_DIGITS:
+                return f"has quantity {shown_text(quantity)}, not a whole number"
+            if not isinstance(line.get("outcome"), str) or not isinstance(line.get("record_id"), (str, type(None))):
+                return "has no outcome string, or a record_id that is not a string"
+            if not isinstance(line.get("retry", False), bool):
+                return "has a retry that is not true or false"
+            for name in ("amount", "carried_in"):
+                if name in line:
+                    parse_fraction(line[name])
+        elif line["kind"] == "late":
+            parse_fraction(line.get("difference"), signed=True)
+            if not isinstance(line.get("action"), str):
+                return "has no action string"
+    except ValueError as error:
+        return str(error)
+    return None
+
+
 def billed_amounts(lines: Iterable[Mapping[str, Any]], except_sources: str | None = None) -> dict[tuple[str, str], Fraction]:
     """The exact usage an hour's ledger lines account for, per contract and dimension:
     the amounts it was billed on, plus late usage found since (other than ``except_sources``)."""
@@ -1925,9 +2410,9 @@ def billed_amounts(lines: Iterable[Mapping[str, Any]], except_sources: str | Non
     for line in lines:
         key = (line["contract_id"], line["dimension"])
         if line.get("kind") == "record" and not line.get("retry"):
-            amounts[key] = amounts.get(key, Fraction(0)) + Fraction(line["amount"])
+            amounts[key] = amounts.get(key, Fraction(0)) + parse_fraction(line.get("amount", "0"))
         elif line.get("kind") == "late" and line.get("sources") != except_sources:
-            amounts[key] = amounts.get(key, Fraction(0)) + Fraction(line["difference"])
+            amounts[key] = amounts.get(key, Fraction(0)) + parse_fraction(line["difference"], signed=True)
     return amounts
 
 
@@ -1968,12 +2453,23 @@ class Ledger:
         return None if data is None else list(self._parse(name, data))
 
     def _parse(self, name: str, data: bytes) -> Iterator[dict[str, Any]]:
+        """The lines of one ledger file. Raises LedgerError naming the file and the line
+        (counted from 1) that is not JSON or not the shape ledger_line_problem wants."""
         try:
-            for line in data.decode("utf-8").splitlines():
-                if line.strip():
-                    yield json.loads(line)
-        except (UnicodeDecodeError, ValueError) as error:
-            raise LedgerError(f"ledger {self.storage.display}{name} is corrupt: {error}") from None
+            text = data.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise LedgerError(f"ledger {self.storage.display}{name} is corrupt: not UTF-8 text ({error.reason})") from None
+        for number, text_line in enumerate(text.split("\n"), 1):
+            if not text_line.strip():
+                continue
+            try:
+                line = parse_json(text_line)
+                problem = ledger_line_problem(line)
+            except ValueError as error:
+                problem = str(error)
+            if problem:
+                raise LedgerError(f"ledger {self.storage.display}{name} is corrupt: line {number} {problem}")
+            yield line
 
     def write_hour(self, service_key: str, hour: datetime, lines: Iterable[Mapping[str, Any]]) -> None:
         self.storage.write(self.hour_file(service_key, hour),
@@ -2000,19 +2496,24 @@ class Ledger:
 
     def lines(self, service_key: str, first: datetime, last: datetime) -> Iterator[dict[str, Any]]:
         """Every line of the hours first..last (inclusive) of one service, hour by hour."""
-        day = first.replace(hour=0)
-        while day <= last:
-            folder = f"{_day_folder(day)}/{_service_folder(service_key)}"
-            for name in self.storage.names(folder):
-                hour = parse_utc(name.removesuffix(".jsonl")[:13] + ":00") if name.endswith(".jsonl") else None
-                if hour is not None and first <= hour <= last:
+        # The day folders that exist, listed once: a range of years costs no more than the ledger holds.
+        days = [name for name in self.storage.names("")
+                if _DAY_FOLDER.fullmatch(name) and _day_folder(first) <= name <= _day_folder(last)]
+        for day in days:
+            for name in self.storage.names(f"{day}/{_service_folder(service_key)}"):
+                if not _HOUR_FILE.fullmatch(name):
+                    continue  # not a file this exporter wrote
+                try:
+                    hour = parse_utc(name[:13] + ":00")
+                except ValueError:
+                    continue
+                if first <= hour <= last:
                     yield from self.read_hour(service_key, hour) or []
-            day += timedelta(days=1)
 
     def prune(self, keep_days: int, today: datetime) -> int:
         """Delete day folders older than ``keep_days`` days. Returns how many."""
         oldest = _day_folder(today - timedelta(days=keep_days))
-        old = [name for name in self.storage.names("") if re.fullmatch(r"\d{4}-\d\d-\d\d", name) and name < oldest]
+        old = [name for name in self.storage.names("") if _DAY_FOLDER.fullmatch(name) and name < oldest]
         for name in old:
             self.storage.delete_folder(name)
         return len(old)
@@ -2024,37 +2525,93 @@ class Ledger:
 # ---------------------------------------------------------------------------
 
 
+# What is masked wherever the exporter writes or prints text that came from
+# elsewhere: the client secret and every access token it was given (registered
+# with ``redact``), anything shaped like a token, a password in a URL, and e-mail
+# addresses (export files carry customers' addresses).
+_SECRETS: set[str] = set()
+_MASKS = (
+    (re.compile(r"(?<=://)[^/\s@]+@"), "[userinfo]@"),
+    (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
+    (re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[redacted]"),
+    (re.compile(r"""(?i)((?:access_token|refresh_token|id_token|token|client_secret|secret|password)["']?\s*[:=]\s*["']?)"""
+                r"""[^"'\s,;&}]+"""), r"\1[redacted]"),
+    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[email]"),
+)
+MASKED_TEXT_LIMIT = 1000
+
+
+def redact(secret: str | None) -> None:
+    """Mask ``secret`` in everything written or printed from now on."""
+    if secret and len(secret) >= 4:
+        _SECRETS.add(secret)
+
+
+def mask_secrets(text: str) -> str:
+    """``text`` with the registered secrets, tokens, URL passwords and e-mail addresses masked."""
+    for secret in _SECRETS:
+        if secret in text:
+            text = text.replace(secret, "[redacted]")
+    for pattern, replacement in _MASKS:
+        text = pattern.sub(replacement, text)
+    return text
+
+
+def mask_value(value: Any, depth: int = 0) -> Any:
+    """A JSON value from elsewhere (a Clazar answer, an error), fit to store and show:
+    every string masked with mask_secrets and cut to MASKED_TEXT_LIMIT characters,
+    at most 50 items per list or object and 8 levels, numbers kept."""
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if depth >= 8:
+        return "[nested]"
+    if isinstance(value, dict):
+        return {mask_secrets(str(key))[:100]: mask_value(item, depth + 1)
+                for key, item in itertools.islice(value.items(), 50)}
+    if isinstance(value, (list, tuple)):
+        return [mask_value(item, depth + 1) for item in value[:50]]
+    return mask_secrets(str(value)[:MASKED_TEXT_LIMIT])
+
+
 class _Redactor(logging.Filter):
     """Masks secrets and e-mail addresses in every log line, whoever logged it."""
 
-    EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.secrets: set[str] = set()
-
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        for secret in self.secrets:
-            message = message.replace(secret, "[redacted]")
-        record.msg, record.args = self.EMAIL.sub("[email]", message), None
+        record.msg, record.args = mask_secrets(record.getMessage()), None
         if record.exc_info and not record.exc_text:
-            record.exc_text = self.EMAIL.sub("[email]", logging.Formatter().formatException(record.exc_info))
-            for secret in self.secrets:
-                record.exc_text = record.exc_text.replace(secret, "[redacted]")
+            record.exc_text = mask_secrets(logging.Formatter().formatException(record.exc_info))
         return True
 
 
 _REDACTOR = _Redactor()
 
 
-def redact(secret: str | None) -> None:
-    """Never let ``secret`` appear in a log line from now on."""
-    if secret and len(secret) >= 4:
-        _REDACTOR.secrets.add(secret)
-
-
 LOG_FORMAT = "%(asctime)s - %(levelname)s - %(message)s"
+
+
+class TextLogFormatter(logging.Formatter):
+    """LOG_FORMAT, one line per message whatever the data in it: control characters
+    are escaped, and a traceback's lines are indented so none can pass for a log line."""
+
+    def __init__(self) -> None:
+        super().__init__(LOG_FORMAT)
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        record.message = escape_control(record.message)
+        return super().formatMessage(record)
+
+    def formatException(self, exc_info: Any) -> str:
+        lines = super().formatException(exc_info).splitlines()
+        return "\n".join("    " + escape_control(line) for line in lines)
+
+    def format(self, record: logging.LogRecord) -> str:
+        masked = record.exc_text  # set by the redactor, unindented
+        if masked:
+            record.exc_text = "\n".join("    " + escape_control(line) for line in masked.splitlines())
+        try:
+            return super().format(record)
+        finally:
+            record.exc_text = masked
 # The service and hour being worked on, for JSON log lines.
 _SERVICE_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("metering_service", default=None)
 _HOUR_CONTEXT: contextvars.ContextVar[str | None] = contextvars.ContextVar("metering_hour", default=None)
@@ -2074,7 +2631,7 @@ class JsonLogFormatter(logging.Formatter):
         entry = {
             "time": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z",
             "level": record.levelname,
-            "message": record.getMessage(),
+            "message": escape_control(record.getMessage()),
         }
         for name in ("service_key", "hour"):
             if getattr(record, name, None):
@@ -2086,7 +2643,7 @@ class JsonLogFormatter(logging.Formatter):
 
 def configure_logging(level: str, log_format: str = "text", stream: Any = None) -> None:
     handler = logging.StreamHandler(stream or sys.stdout)
-    handler.setFormatter(JsonLogFormatter() if log_format == "json" else logging.Formatter(LOG_FORMAT))
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())
     handler.addFilter(_Context())
     handler.addFilter(_REDACTOR)
     root = logging.getLogger()
@@ -2134,7 +2691,7 @@ class ServiceReport:
         return {"at": format_time(at), "result": self.result, "hours": self.hours, "sent": self.sent,
                 "already_delivered": self.already_delivered, "rejected": self.rejected,
                 "unattributable": self.unattributable, "late_hours": self.late_hours, "late_usage": self.late_usage,
-                "error": self.failure}
+                "error": mask_value(self.failure)}
 
 
 LARGE_HOUR_FILES = 1000
@@ -2179,6 +2736,12 @@ class Exporter:
                 except MeteringError as error:
                     report.failure = str(error)
                     log.error("%s: %s", service.label, error)
+                except Exception as error:
+                    # A defect, not bad input: reported as this service's failure, and the
+                    # other services still run. Whatever was sent is pending in the state.
+                    report.failure = f"unexpected {type(error).__name__}: {error}"
+                    log.error("%s: %s (a defect: please report it with the DEBUG log)", service.label, report.failure)
+                    log.debug("Where it happened", exc_info=error)
                 self._summarise(report)
                 if not self.config.dry_run:
                     now = self.clock()
@@ -2317,6 +2880,9 @@ class Exporter:
     def _read_hour(self, service: ServiceKey, hour: datetime, listing: HourListing | None = None) -> HourUsage:
         usage = HourUsage(hour, prefix=hour_prefix(service, hour))
         listing = listing or self.source.list_hour(usage.prefix)
+        problem = oversized_file(listing, self.source.max_file_bytes)
+        if problem:
+            raise ExportFileError(problem)
         usage.ignored, usage.sources = listing.ignored, listing.digest
         for key, body in self.source.read_all(listing.files):
             usage.add(parse_export_file(key, body, with_prices=self.with_prices))
@@ -2344,7 +2910,7 @@ class Exporter:
             subscriptions = sorted(usage.unattributed_subscriptions)
             log.warning("Hour %s: %d record(s) from %d subscription(s) have no externalPayerId or dimension "
                         "and are not sent: %s", display_hour(hour), usage.unattributable, len(subscriptions),
-                        ", ".join(subscriptions[:10]) + (" ..." if len(subscriptions) > 10 else ""))
+                        ", ".join(name[:100] for name in subscriptions[:10]) + (" ..." if len(subscriptions) > 10 else ""))
         carried = {key: state.remainders[key] for key in quantities if state.remainders.get(key)}
         pending = PendingHour(hour, tuple(records), remainders, usage.unattributable, amounts, carried, usage.sources)
         return self._deliver(service, state, pending, report)
@@ -2518,9 +3084,9 @@ def reconcile_hour(now: Mapping[tuple[str, str], Fraction], lines: Sequence[Mapp
             elif line.get("outcome") == REJECTED:
                 rejected[key] = rejected.get(key, 0) + quantity
             if not line.get("retry"):
-                carried_in[key] = Fraction(line.get("carried_in", "0"))
+                carried_in[key] = parse_fraction(line.get("carried_in", "0"))
         elif line.get("kind") == "late" and line.get("action") == "carried":
-            carried_late[key] = carried_late.get(key, Fraction(0)) + Fraction(line["difference"])
+            carried_late[key] = carried_late.get(key, Fraction(0)) + parse_fraction(line["difference"], signed=True)
     compared, after = {}, {}
     for key in sorted(set(now) | set(billed) | set(rejected) | set(carried_in)):
         total = now.get(key, Fraction(0)) - carried_late.get(key, Fraction(0)) + carried_in.get(key, chain.get(key, Fraction(0)))
@@ -2573,7 +3139,7 @@ def format_reconciliation(result: Mapping[str, Any], style: str) -> str:
         out = io.StringIO()
         writer = csv.writer(out, lineterminator="\n")
         writer.writerow(columns)
-        writer.writerows([row[name] for name in columns] for row in result["rows"])
+        writer.writerows([spreadsheet_safe(row[name]) for name in columns] for row in result["rows"])
         return out.getvalue().rstrip("\n")
     widths = {name: max([len(name)] + [len(str(row[name])) for row in result["rows"]]) for name in columns}
     lines = [f"Reconciliation of {result['from']} .. {result['to']}", ""]
@@ -2590,7 +3156,16 @@ def format_reconciliation(result: Mapping[str, Any], style: str) -> str:
                      f"hour {difference['hour']}: expected {difference['expected']}, billed {difference['billed']}"
                      + (f" ({difference['rejected']} rejected, see retry-failed)" if difference["rejected"] else ""))
     lines.append(f"{len(result['differences'])} difference(s)" if result["differences"] else "Everything matches.")
-    return "\n".join(lines)
+    return "\n".join(escape_control(line) for line in lines)
+
+
+def spreadsheet_safe(cell: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: a string starting with = + - @, a tab
+    or a carriage return (a formula, e.g. =HYPERLINK(...)) gets a leading ', and
+    control characters are escaped (the csv module leaves a CR unquoted). Numbers stay."""
+    if not isinstance(cell, str):
+        return cell
+    return ("'" if cell[:1] in ("=", "+", "-", "@", "\t", "\r") else "") + escape_control(cell)
 
 
 def contract_history(config: Config, ledger: Ledger, contract: str, first: datetime, last: datetime) -> list[dict]:
@@ -2613,7 +3188,7 @@ def format_history(lines: Sequence[Mapping[str, Any]]) -> str:
                        f"{line.get('record_id') or '-'} {line['service']}")
     total = sum(line.get("quantity", 0) for line in lines if line.get("outcome") in ACCEPTED_OUTCOMES)
     out.append(f"{len(lines)} line(s); {total} unit(s) billed in all dimensions")
-    return "\n".join(out)
+    return "\n".join(escape_control(line) for line in out)
 
 
 def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarker | None,
@@ -2668,11 +3243,11 @@ def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
             late = row["last_late_usage"]
             lines.append(f"  late usage found:      {row['late_usage_found']}, the last for hour {late['hour']}, contract "
                          f"{late['contract_id']}, {late['difference']} {late['dimension']} ({late['action']})")
-    return "\n".join(lines)
+    return "\n".join(escape_control(line) for line in lines)
 
 
 def _label(value: str) -> str:
-    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+    return mask_secrets(value).replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
 def render_metrics(services: Sequence[ServiceKey], reports: Mapping[str, ServiceReport],
@@ -2838,7 +3413,7 @@ def show_status(config: Config, client: Any, store: LocalStateStore | S3StateSto
     except StateError as error:
         log.error("%s", error)
         return error.exit_code
-    source = ExportSource(client, config.bucket, 1)
+    source = ExportSource(client, config.bucket, 1, config.max_export_file_bytes)
     marker, marker_error = None, None
     try:
         marker = source.read_marker()
@@ -2847,7 +3422,8 @@ def show_status(config: Config, client: Any, store: LocalStateStore | S3StateSto
     finally:
         source.close()
     now = utc_now()
-    rows = [service_status(service, book.service(service.key), marker, marker_error, config, now)
+    # The state may hold text an older version stored unmasked, or a hand edit: masked again here.
+    rows = [mask_value(service_status(service, book.service(service.key), marker, marker_error, config, now))
             for service in config.services]
     print(json.dumps(rows, indent=2) if as_json else format_status(rows))
     return EXIT_OK
@@ -2861,7 +3437,7 @@ def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -
     try:
         if not config.dry_run:
             store.acquire()
-        source = ExportSource(client, config.bucket, config.read_concurrency)
+        source = ExportSource(client, config.bucket, config.read_concurrency, config.max_export_file_bytes)
         clazar = None if config.dry_run else ClazarClient(config)
         try:
             book = StateBook(store)
@@ -2875,15 +3451,26 @@ def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -
     except (StateError, LockHeld) as error:
         log.error("%s", error)
         code = error.exit_code
+    except Exception as error:
+        code = EXIT_FAILED
+        _report_defect(error)
     # A run that found the lock held writes nothing: the run holding it will.
     if config.metrics_file and not config.dry_run and code != EXIT_LOCKED:
         states = {}
         if book is not None:
-            states = {service.key: book.service(service.key) for service in config.services}
+            with contextlib.suppress(StateError):  # already reported; the metrics still go out
+                states = {service.key: book.service(service.key) for service in config.services}
         write_metrics(config.metrics_file, render_metrics(
             config.services, {report.service.key: report for report in reports}, states, code, started,
             time.monotonic() - began))
     return code
+
+
+def _report_defect(error: Exception) -> None:
+    """Log an exception no check foresaw: one ERROR line, the traceback only at DEBUG."""
+    log.error("Unexpected %s: %s (a defect: please report it with the DEBUG log)",
+              type(error).__name__, shown_text(str(error), 500))
+    log.debug("Where it happened", exc_info=error)
 
 
 def write_metrics(path: str, text: str) -> None:
@@ -2908,6 +3495,18 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     # Reports go to stdout, so the log of a reporting command goes to stderr.
     configure_logging(config.log_level, config.log_format, sys.stdout if command in ("run", "retry-failed") else sys.stderr)
     redact(config.client_secret)
+    try:
+        return _run_command(command, config, arguments)
+    except Exception as error:  # whatever happens, the user gets one line, never a traceback
+        _report_defect(error)
+        if command == "run" and config.metrics_file and not config.dry_run:
+            write_metrics(config.metrics_file, render_metrics(config.services, {}, {}, EXIT_FAILED, utc_now(), 0.0))
+        return EXIT_FAILED
+
+
+def _run_command(command: str, config: Config, arguments: argparse.Namespace) -> int:
+    """Run one command with a valid configuration; returns its exit code. Expected
+    failures are MeteringErrors, logged here; anything else propagates to main."""
     client = s3_client(config.read_concurrency)
     store = open_state_store(config, client)
     if command == "status":
@@ -2949,7 +3548,7 @@ def report_on_ledger(config: Config, client: Any, store: LocalStateStore | S3Sta
     if arguments.last < arguments.first:
         log.error("--to %s is before --from %s", format_time(arguments.last), format_time(arguments.first))
         return EXIT_CONFIG
-    source = ExportSource(client, config.bucket, config.read_concurrency)
+    source = ExportSource(client, config.bucket, config.read_concurrency, config.max_export_file_bytes)
     try:
         result = reconcile(config, Exporter(config, source, None, StateBook(store), ledger),
                            arguments.first, arguments.last)

@@ -78,6 +78,9 @@ def test_accepted_formulas_evaluate_exactly(text, value):
     ("min(cpu_core_hours)", "two or more"),
     ("abs(1, 2)", "one argument"),
     ("round(cpu_core_hours, replica_hours)", "second argument"),
+    ("round(cpu_core_hours / 7, 1000000000)", "from -20 to 20"),
+    ("cpu_core_hours * " + "9" * 400, "beyond 2**1024"),
+    ("cpu_core_hours * 1e-320", "beyond 2**1024"),
     ("max(*[1, 2])", "two or more"),
     ("round(x=1)", "one or two"),
     ("cpu_core_hours; import os", "not a valid formula"),
@@ -101,6 +104,19 @@ def test_division_by_zero_and_negative_results_fail_the_hour_naming_contract_and
         mp.billable_amounts(usage, [formula("cpu_core_hours - 5")])
     with pytest.raises(mp.FormulaError, match="divides by zero"):
         mp.billable_amounts(usage, [formula("replica_hours ** -1")])
+
+
+@pytest.mark.parametrize("text", ["(+(memory_byte_hours ** 64)) ** 64", "(memory_byte_hours ** 64 * 1) ** 64",
+                                  "((memory_byte_hours * 1) ** 64 + 1) ** 64", "memory_byte_hours ** 64 / 3 ** -64",
+                                  "round(memory_byte_hours ** 64, 20) ** 2"])
+def test_every_value_a_formula_computes_is_bounded_and_fails_the_hour_naming_contract_and_hour(text):
+    usage = mp.HourUsage(datetime(2026, 2, 10, 14, tzinfo=timezone.utc))
+    usage.add(mp.parse_export_file("k.json", b'[{"externalPayerId": "c-1", "dimension": "memory_byte_hours", '
+                                             b'"value": 8589934592}]'))
+    with pytest.raises(mp.FormulaError, match=r"DIMENSION1_FORMULA .*beyond 2\*\*1024.* for contract c-1 in hour 2026-02-10 14"):
+        mp.billable_amounts(usage, [formula(text)])
+    # Within the bound the same shapes compute exactly.
+    assert mp.billable_amounts(usage, [formula("+(replica_hours + 2) ** 64 * 1")]) == {("c-1", "dim"): 2**64}
 
 
 def test_formulas_replace_raw_dimensions_per_contract():

@@ -3,6 +3,8 @@ Clazar's answers and the state document."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import stat
@@ -137,10 +139,19 @@ def test_marker_missing_key_names_the_keys_present():
         marker.final_before("A:PROD:pt")
 
 
-@pytest.mark.parametrize("body", [b"[]", b"{", b'{"A": {}}', b'{"A": {"last_processed_to": "soon"}}', b"\xff"])
+@pytest.mark.parametrize("body", [b"[]", b"{", b"\xff", b'{"A": {"last_processed_to": "2026-02-10T15:29:59Z"}, "A": {}}'])
 def test_malformed_markers(body):
     with pytest.raises(mp.MarkerError):
         mp.ExportMarker.parse(body, "s3://b/marker")
+
+
+@pytest.mark.parametrize("entry", [{}, {"last_processed_to": "soon"}, {"last_processed_to": "9999-12-31T23:59:59Z"},
+                                   {"last_processed_to": "0001-01-01T00:00:00+01:00"}, "x", {"last_processed_to": 5}])
+def test_a_malformed_marker_entry_fails_only_its_own_service(entry):
+    marker = mp.ExportMarker.parse(json.dumps({"A": entry, "B": {"last_processed_to": "2026-02-10T15:29:59Z"}}).encode(), "m")
+    with pytest.raises(mp.MarkerError, match="export marker m: entry 'A'"):
+        marker.final_before("A")
+    assert marker.final_before("B") == at("2026-02-10T15:30:00Z")
 
 
 # --- parsing export files --------------------------------------------------------------
@@ -264,8 +275,8 @@ def test_batches():
 
 
 def test_service_state_round_trip_and_commit():
-    pending = mp.PendingHour(at("2026-01-01T05:00Z"), ({"contract_id": "c", "dimension": "d", "quantity": "2"},),
-                             {("c", "d"): Fraction(1, 3)}, 2)
+    hour = at("2026-01-01T05:00Z")
+    pending = mp.PendingHour(hour, tuple(mp.metering_records(hour, "aws", {("c", "d"): 2})), {("c", "d"): Fraction(1, 3)}, 2)
     state = mp.ServiceState.from_json({"last_processed_hour": "2026-01-01T04:00:00Z", "custom": 1}, "e")
     pending_state = mp.ServiceState.from_json(state.with_pending(pending).to_json(), "e")
     assert pending_state.pending == pending
@@ -329,3 +340,248 @@ def test_retries_back_off_exponentially_with_jitter_and_cap_retry_after():
         base = 0.5 * 2 ** (errors - 1)
         assert all(base <= wait <= base + 0.5 for wait in waits) and len(waits) > 1
     assert retry.parse_retry_after("3") == 3 and retry.parse_retry_after("3600") == 7
+
+
+# --- hostile input: every variable, name, number and text is bounded ---------------------------------
+
+
+@pytest.mark.parametrize("variable, value, allowed", [
+    ("LEDGER_RETENTION_DAYS", "1000000", "from 1 to 36500"),
+    ("CLAZAR_TIMEOUT_SECONDS", "1e308", "from 0.1 to 600"),
+    ("CLAZAR_TIMEOUT_SECONDS", "nan", "from 0.1 to 600"),
+    ("CLAZAR_BACKOFF_SECONDS", "inf", "from 0 to 60"),
+    ("CLAZAR_RETRY_AFTER_MAX_SECONDS", "86400", "from 0 to 3600"),
+    ("STATE_LOCK_TTL_SECONDS", "999999999999", "from 5 to 86400"),
+    ("MAX_HOURS_PER_RUN", "9" * 5000, "from 1 to 8784"),
+    ("LATE_USAGE_LOOKBACK_HOURS", "\u0663", "from 0 to 9600"),
+    ("EXPORT_MARKER_LAG_MINUTES", "-1", "from 0 to 1440"),
+    ("MAX_EXPORT_FILE_BYTES", "12", "from 1024 to 1073741824"),
+    ("START_HOUR", "0001-01-01T00:00:00+01:00", "from 2000-01-01T00:00:00Z to 2999-12-31T23:00:00Z"),
+    ("START_HOUR", "9999-12-31T23:00:00Z", "from 2000-01-01T00:00:00Z"),
+])
+def test_every_hour_seconds_and_days_variable_is_range_checked(variable, value, allowed):
+    with pytest.raises(mp.ConfigError) as error:
+        mp.load_config({**BASE, variable: value})
+    assert error.value.variable == variable and allowed in str(error.value)
+    assert len(str(error.value)) < 300
+
+
+@pytest.mark.parametrize("url, problem", [
+    ("http://OTHER-HOST:8080\\@127.0.0.1/metering/", "backslash"),
+    ("http://127.0.0.2:8080\\@127.0.0.1/metering/", "backslash"),
+    ("https://user:hunter2-password@api.clazar.io/metering/", "user name or password"),
+    ("http://admin@127.0.0.1:8080/metering/", "user name or password"),
+    ("http://127.0.0.1:99999/metering/", "port"),
+    ("http://127.0.0.1:0/metering/", "port 0"),
+    ("http://127.0.0.1:8080/metering/\n", None),  # the trailing newline is stripped like any value's
+    ("http://127.0.0.1 :8080/metering/", "spaces or control characters"),
+    ("http://evil.example/metering/", "unencrypted"),
+    ("ftp://api.clazar.io/metering/", "http(s) URL"),
+])
+def test_clazar_urls_are_checked_with_urllib3s_parser(url, problem):
+    for variable in ("CLAZAR_API_URL", "CLAZAR_AUTH_URL"):
+        if problem is None:
+            assert mp.load_config({**BASE, variable: url})
+            continue
+        with pytest.raises(mp.ConfigError) as error:
+            mp.load_config({**BASE, variable: url})
+        assert error.value.variable == variable and problem in str(error.value)
+        assert "hunter2" not in str(error.value)
+
+
+def test_the_loopback_check_reads_the_host_urllib3_connects_to():
+    from urllib3.util import parse_url
+
+    # urlsplit and urllib3 disagree on this URL: the check follows urllib3, which requests uses.
+    assert parse_url("http://other.example:8080\\@127.0.0.1/").host == "other.example"
+    assert mp._check_url("V", "http://[::1]:8080/metering/", True).host == "[::1]"
+    with pytest.raises(mp.ConfigError, match="unencrypted"):
+        mp._check_url("V", "http://127.0.0.1.evil.example/metering/", True)
+
+
+def test_masking_covers_the_secret_tokens_url_passwords_and_e_mail_addresses():
+    mp.redact("s3cr3t-value-for-masking")
+    text = ('{"detail": "bad token", "access_token": "abc.def", "client_secret": "s3cr3t-value-for-masking", '
+            '"by": "ops@buyer.example", "auth": "Bearer QWxhZGRpbjpvcGVu", "jwt": "eyJhbGciOi.eyJzdWIi.c2ln", '
+            '"url": "https://admin:pa55@host.example/x"}')
+    masked = mp.mask_secrets(text)
+    for secret in ("abc.def", "s3cr3t-value-for-masking", "ops@buyer.example", "QWxhZGRpbjpvcGVu", "eyJhbGciOi", "pa55"):
+        assert secret not in masked
+    assert "bad token" in masked and "[email]" in masked
+    value = mp.mask_value({"errors": [{"message": "x" * 5000, "who": "ops@buyer.example"}] * 80, "n": 3})
+    assert value["n"] == 3 and len(value["errors"]) == 50
+    assert len(value["errors"][0]["message"]) == mp.MASKED_TEXT_LIMIT and value["errors"][0]["who"] == "[email]"
+    deep = [[[[[[[[[["ops@buyer.example"]]]]]]]]]]
+    assert "ops@" not in json.dumps(mp.mask_value(deep))
+
+
+def test_clazar_answers_are_masked_where_they_are_read():
+    mp.redact("tok-0123456789abcdef")
+    result = mp.classify_result({"contract_id": "c-1", "dimension": "d"},
+                                {"status": "fail", "errors": [{"message": "token tok-0123456789abcdef of ops@buyer.example"}],
+                                 "id": ["not", "a", "string"]})
+    assert result.outcome == mp.REJECTED and result.record_id is None
+    assert result.answer == {"status": "fail", "errors": [{"message": "token [redacted] of [email]"}]}
+
+
+def test_text_logs_escape_control_characters_so_no_line_can_be_forged():
+    stream = io.StringIO()
+    mp.configure_logging("INFO", "text", stream)
+    mp.log.info("contract %s", "c-1\n2026-01-01 00:00:00,000 - ERROR - forged\x1b]8;;x\x07\u2028")
+    try:
+        raise ValueError("line one\nline two")
+    except ValueError:
+        mp.log.error("failed", exc_info=True)
+    lines = stream.getvalue().splitlines()
+    assert " - ERROR - forged" not in "".join(line for line in lines if line.startswith("2026-01-01"))
+    assert "c-1\\n2026-01-01 00:00:00,000 - ERROR - forged\\x1b]8;;x\\x07\\u2028" in lines[0]
+    assert all(line.startswith("    ") for line in lines[2:]), "traceback lines are indented"
+    assert not any(mp.CONTROL_CHARACTERS.search(line) for line in lines)
+
+
+def test_reconcile_csv_neutralises_cells_a_spreadsheet_would_run():
+    rows = [{"service": "A:PROD:pt", "contract_id": contract, "dimension": "d", "expected": 1, "billed": 2,
+             "difference": -1, "rejected": 0} for contract in ('=HYPERLINK("http://127.0.0.1")', "+1", "-x", "@SUM(A1)",
+                                                               "\tx", "\rx", "c-1")]
+    table = list(csv.reader(io.StringIO(mp.format_reconciliation({"rows": rows}, "csv"), newline="")))
+    assert [row[1] for row in table[1:]] == ["'=HYPERLINK(\"http://127.0.0.1\")", "'+1", "'-x", "'@SUM(A1)", "'\\tx", "'\\rx",
+                                              "c-1"]
+    assert all(row[3:] == ["1", "2", "-1", "0"] for row in table[1:]), "numbers stay numbers"
+
+
+@pytest.mark.parametrize("text, value", [("0", 0), ("3", 3), ("1/3", Fraction(1, 3)), ("10/4", Fraction(5, 2))])
+def test_parse_fraction(text, value):
+    assert mp.parse_fraction(text) == value
+
+
+@pytest.mark.parametrize("text", ["1e999999999", "1/0", "-1/2", " 1", "1.5", "²", "1" * 310, 3, None, "1/" + "1" * 310])
+def test_parse_fraction_refuses_what_the_exporter_never_writes(text):
+    with pytest.raises(ValueError):
+        mp.parse_fraction(text)
+    assert mp.parse_fraction("-1/2", signed=True) == Fraction(-1, 2)
+
+
+def pending_entry(**changes):
+    hour = at("2026-01-01T21:00Z")
+    records = mp.metering_records(hour, "aws", {("c-1", "d"): 2})
+    pending = {"hour": "2026-01-01T21:00:00Z", "records": records, "remainders": {}}
+    for name, value in changes.items():
+        if name in records[0]:
+            records[0][name] = value
+        else:
+            pending[name] = value
+    return {"pending_hour": pending}
+
+
+@pytest.mark.parametrize("entry, problem", [
+    (pending_entry(quantity="\u00b2"), "quantity '²', not ASCII digits"),
+    (pending_entry(quantity="9" * 400), "not ASCII digits"),
+    (pending_entry(hour="2026-01-01T21:30:00Z"), "not a whole hour"),
+    (pending_entry(start_time="2026-01-01T20:00:00Z"), "not for the hour"),
+    (pending_entry(contract_id="c\n1"), "control characters"),
+    (pending_entry(cloud="mars"), "cloud 'mars'"),
+    (pending_entry(records="x"), "records is not a list"),
+    (pending_entry(unattributable="5"), "not a count"),
+    (pending_entry(remainders={"c-1": {"d": "1e999999999"}}), "not a non-negative fraction"),
+    ({"last_processed_hour": "9999-12-31T23:00:00Z"}, "not a UTC hour"),
+    ({"rejected": [{"contract_id": "c-1"}]}, "rejected item 0"),
+    ({"late_usage": [{"hour": 1}]}, "late_usage item 0"),
+    ({"sources": {"yesterday": "ab"}}, "sources item 0"),
+])
+def test_a_state_of_the_wrong_shape_is_refused_naming_the_entry(entry, problem):
+    with pytest.raises(mp.StateError) as error:
+        mp.parse_state(json.dumps({"A:PROD:pt": entry}).encode(), "s.json")
+    assert "state s.json, entry 'A:PROD:pt'" in str(error.value) and problem in str(error.value)
+    assert error.value.exit_code == mp.EXIT_STATE
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b'{"A": {}, "A": {}}', "holds the field 'A' twice"),
+    (b'{"A": ' + b"[" * 40 + b"]" * 40 + b"}", "nested more than 32 levels"),
+    (b"[" * 100000 + b"]" * 100000, "nested more than 32 levels"),
+    (b'{"A": NaN}', "not valid JSON"),
+])
+def test_state_documents_are_parsed_at_bounded_cost(body, problem):
+    with pytest.raises(mp.StateError, match=problem):
+        mp.parse_state(body, "s.json")
+
+
+LINE = {"kind": "record", "service": "A:PROD:pt", "contract_id": "c-1", "dimension": "d", "hour": "2026-01-01T21:00:00Z",
+        "quantity": 2, "amount": "5/2", "carried_in": "0", "record_id": None, "outcome": "delivered", "at": "x"}
+
+
+@pytest.mark.parametrize("line, problem", [
+    ("[1]", "line 2 is a JSON list"), ("{", "line 2 is not valid JSON"),
+    ({**LINE, "quantity": "2"}, "quantity '2'"), ({**LINE, "amount": "1e999999999"}, "not a non-negative fraction"),
+    ({**LINE, "kind": "other"}, "kind 'other'"), ({**LINE, "hour": "2026-01-01T21:30:00Z"}, "not a whole hour"),
+    ({k: v for k, v in LINE.items() if k != "contract_id"}, "no contract_id"),
+    ({**LINE, "kind": "late", "difference": "x"}, "not a fraction"),
+])
+def test_a_ledger_line_of_the_wrong_shape_is_refused_naming_file_and_line(tmp_path, line, problem):
+    text = line if isinstance(line, str) else json.dumps(line)
+    path = tmp_path / "2026-01-01" / "A_PROD_pt-x" / "2026-01-01T21.jsonl"
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps(LINE) + "\n" + text + "\n")
+    ledger = mp.Ledger(mp.LocalLedgerStorage(str(tmp_path)))
+    with pytest.raises(mp.LedgerError) as error:
+        list(ledger._parse("2026-01-01/A_PROD_pt-x/2026-01-01T21.jsonl", path.read_bytes()))
+    assert "2026-01-01T21.jsonl is corrupt: " in str(error.value) and problem in str(error.value)
+    assert error.value.exit_code == mp.EXIT_STATE
+
+
+@pytest.mark.parametrize("body, problem", [
+    (b'[{"value": 1e999999999}]', "value 1e999999999 is not a finite non-negative number"),
+    (b'[{"value": 1e-99999}]', "value 1e-99999"),
+    (b'[{"value": 1, "pricePerUnit": 1e-99999}]', "pricePerUnit 1e-99999"),
+    (b'[{"value": 1e-99999999999999999999999999999}]', "value 1e-9999"),
+    (b'[{"value": ' + b"9" * 5000 + b"}]", "value 99999"),
+    (b'[{"value": 1, "value": 2}]', "holds the field 'value' twice"),
+    (b"[" * 100000 + b"]" * 100000, "nested more than 32 levels"),
+    (b'[{"value": 1, "externalPayerId": "' + b"c" * 257 + b'", "dimension": "d"}]', "externalPayerId is 257 characters"),
+    (b'[{"value": 1, "externalPayerId": "c-1", "dimension": "d\\n- ERROR - x"}]', "dimension 'd\\n- ERROR - x' holds control"),
+    (b'[{"value": 1, "externalPayerId": "c-1\\u001b[31m", "dimension": "d"}]', "holds control characters"),
+])
+def test_hostile_export_files_fail_at_bounded_cost_naming_the_key(body, problem):
+    with pytest.raises(mp.ExportFileError) as error:
+        mp.parse_export_file("omnistrate-metering/x/sub-1.json", body, with_prices=True)
+    assert str(error.value).startswith("omnistrate-metering/x/sub-1.json") and problem in str(error.value)
+
+
+def test_numbers_within_range_stay_exact():
+    usage = mp.parse_export_file("k.json", b'[{"externalPayerId": "c", "dimension": "d", "value": 9223372036854775807, '
+                                           b'"pricePerUnit": 1.25e-5}, {"externalPayerId": "c", "dimension": "e", '
+                                           b'"value": 1.5E+3, "podName": 1e999999999}]', with_prices=True)
+    assert [(row[3], row[4]) for row in usage.rows] == [(2**63 - 1, (2**63 - 1) * Fraction(125, 10**7)), (1500, 0)]
+
+
+def test_the_lock_file_is_never_opened_through_a_symbolic_link(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("keep me")
+    (tmp_path / "s.json.lock").symlink_to(victim)
+    with pytest.raises(mp.StateError, match="s.json.lock is a symbolic link; it was not opened through it"):
+        mp.LocalStateStore(str(tmp_path / "s.json")).acquire()
+    assert victim.read_text() == "keep me"
+
+
+def test_a_symlinked_state_path_is_resolved_once_and_its_target_replaced(tmp_path):
+    (tmp_path / "volume").mkdir()
+    (tmp_path / "state.json").symlink_to(tmp_path / "volume" / "state.json")
+    store = mp.LocalStateStore(str(tmp_path / "state.json"))
+    document = {"A:B:C": {"last_processed_hour": "2026-01-01T00:00:00Z"}}
+    store.acquire()
+    store.save(document)
+    store.release()
+    assert (tmp_path / "state.json").is_symlink()
+    assert json.loads((tmp_path / "volume" / "state.json").read_text()) == document
+    assert (tmp_path / "volume" / "state.json.lock").exists() and not (tmp_path / "state.json.lock").exists()
+    assert "->" in store.display
+
+
+def test_folders_the_exporter_creates_are_private_whatever_the_umask(tmp_path):
+    previous = os.umask(0)
+    try:
+        mp.LocalLedgerStorage(str(tmp_path / "ledger")).write("2026-01-01/A_B_C-1234/2026-01-01T00.jsonl", [b"{}\n"])
+    finally:
+        os.umask(previous)
+    for folder in ("ledger", "ledger/2026-01-01", "ledger/2026-01-01/A_B_C-1234"):
+        assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
