@@ -48,8 +48,11 @@ class Fault:
         return f"Fault({self.kind!r}, {self.options!r})"
 
 
-def status(code: int, retry_after: str | None = None) -> Fault:
-    return Fault("status", code=code, retry_after=retry_after)
+def status(code: int, retry_after: str | None = None, body: str | None = None) -> Fault:
+    """Answer ``code``; ``body``, if given, is sent as the answer's text, with
+    ``{authorization}`` replaced by the request's Authorization header (a server
+    echoing the token back)."""
+    return Fault("status", code=code, retry_after=retry_after, body=body)
 
 
 def hang(seconds: float) -> Fault:
@@ -316,7 +319,9 @@ class ClazarStandIn:
                     return self._reply(401, {"detail": "Authentication credentials were not provided or are invalid."})
                 if fault is not None and fault.kind == "status":
                     headers = {"Retry-After": fault.options["retry_after"]} if fault.options["retry_after"] else {}
-                    return self._reply(fault.options["code"], {"detail": "scripted failure"}, headers)
+                    body = fault.options.get("body")
+                    answer = body.replace("{authorization}", authorization) if body else "scripted failure"
+                    return self._reply(fault.options["code"], {"detail": answer}, headers)
                 if fault is not None and fault.kind == "hang":
                     time.sleep(fault.options["seconds"])
                     return self._drop()

@@ -8,6 +8,8 @@ FAULT_KILL_BEFORE_STATE_WRITE=N  SIGKILL just before the N-th write of the state
 FAULT_KILL_AFTER_STATE_WRITE=N   SIGKILL just after the N-th write of the state
 FAULT_KILL_AFTER_BATCH=N         SIGKILL as the N-th metering response arrives,
                                  before the script can read it
+FAULT_DEFECT_ON_BATCH=N          raise RuntimeError (an error no code expects, as
+                                 a defect would) as the N-th metering request leaves
 
 A state write is an ``os.replace`` onto STATE_FILE_PATH, or a PutObject of its key
 when it is an ``s3://`` URL.
@@ -30,6 +32,7 @@ def _install():
     before_write = _limit("FAULT_KILL_BEFORE_STATE_WRITE")
     after_write = _limit("FAULT_KILL_AFTER_STATE_WRITE")
     after_batch = _limit("FAULT_KILL_AFTER_BATCH")
+    defect_on_batch = _limit("FAULT_DEFECT_ON_BATCH")
     state_path = os.environ.get("STATE_FILE_PATH", "")
     counts = {"writes": 0, "batches": 0}
 
@@ -66,12 +69,16 @@ def _install():
 
             os.replace = replace
 
-    if after_batch:
+    if after_batch or defect_on_batch:
         import requests
 
         original_send = requests.Session.send
 
         def send(self, request, **kwargs):
+            if request.method == "POST" and request.url.rstrip("/").endswith("/metering"):
+                counts["requests"] = counts.get("requests", 0) + 1
+                if counts["requests"] == defect_on_batch:
+                    raise RuntimeError("injected defect")
             response = original_send(self, request, **kwargs)
             if request.method == "POST" and request.url.rstrip("/").endswith("/metering"):
                 counts["batches"] += 1
