@@ -1191,8 +1191,11 @@ def compile_formula(variable: str, name: str, text: str, names: frozenset[str]) 
 
     The grammar: numbers, the given names, + - * / // % **, parentheses, unary
     minus, and the functions min, max, abs and round. Raises ConfigError naming
-    ``variable`` for anything else, and for ** with anything but a whole-number
-    literal exponent of at most 64 (so no formula can take unbounded time).
+    ``variable`` for anything else, for ** with anything but a whole-number
+    literal exponent of at most MAX_EXPONENT, for round digits other than a
+    literal within MAX_ROUND_DIGITS, and for a literal beyond MAX_FORMULA_BITS.
+    Evaluation bounds every value (see Formula.evaluate), so no formula can take
+    unbounded time.
     """
     source = text.strip()
     if len(source) > MAX_FORMULA_LENGTH:
@@ -3309,7 +3312,8 @@ def _help_epilog() -> str:
         "  names:    each Omnistrate dimension (summed per contract and hour, 0 when absent) and",
         "            <dimension>_total_price (sum of value x pricePerUnit, a missing price counts 0)",
         "  grammar:  numbers, names, + - * / // % **, parentheses, unary minus, min, max, abs, round;",
-        "            ** takes a whole-number literal exponent from -64 to 64; arithmetic is exact",
+        "            ** takes a whole-number literal exponent from -64 to 64, round's digits -20 to 20;",
+        "            arithmetic is exact; any value beyond 2**1024 fails the hour",
         "  examples: DIMENSION1_NAME=memory_gib_hours",
         "            DIMENSION1_FORMULA=memory_byte_hours / 1073741824",
         "            DIMENSION2_NAME=compute_units",
