@@ -585,3 +585,16 @@ def test_folders_the_exporter_creates_are_private_whatever_the_umask(tmp_path):
         os.umask(previous)
     for folder in ("ledger", "ledger/2026-01-01", "ledger/2026-01-01/A_B_C-1234"):
         assert stat.S_IMODE((tmp_path / folder).stat().st_mode) == 0o700, folder
+
+
+def test_history_and_status_escape_what_came_from_data():
+    line = {**LINE, "record_id": "r-1\n2026-01-01 00:00:00,000 - ERROR - forged\x1b[2J"}
+    text = mp.format_history([line])
+    assert "r-1\\n2026-01-01 00:00:00,000 - ERROR - forged\\x1b[2J" in text and len(text.splitlines()) == 3
+    row = {"service": "A:PROD:pt", "last_processed_hour": None, "hours_behind": None, "marker": "error: x\ny",
+           "pending_hour": None, "pending_records": 0, "rejected_waiting": 0, "last_success_at": None,
+           "last_run": {"at": "t", "result": "failed", "hours": 0, "sent": 0, "rejected": 0, "error": "bad\rline"},
+           "late_usage_found": 0, "last_late_usage": None}
+    shown = mp.format_status([row])
+    assert "error: x\\ny" in shown and "bad\\rline" in shown
+    assert not any(mp.CONTROL_CHARACTERS.search(text_line) for text_line in shown.splitlines())
