@@ -124,15 +124,16 @@ def _unique_fields(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _deeper_than(document: Any, limit: int) -> bool:
     """Whether ``document`` nests lists and objects more than ``limit`` levels deep.
     Iterative: a deep document must not exhaust the stack here either."""
-    containers = (dict, list)
+    containers = {dict, list}
     stack = [(document, 1)] if type(document) in containers else []
     while stack:
         node, depth = stack.pop()
         if depth > limit:
             return True
-        for child in node.values() if type(node) is dict else node:
-            if type(child) in containers:
-                stack.append((child, depth + 1))
+        children = node.values() if type(node) is dict else node
+        # Most objects hold only scalars: isdisjoint over map() tells so without a Python loop.
+        if not containers.isdisjoint(map(type, children)):
+            stack.extend((child, depth + 1) for child in children if type(child) in containers)
     return False
 
 
