@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import faulthandler
 import json
+import os
 import signal
 from datetime import datetime, timedelta, timezone
 from fractions import Fraction
@@ -19,7 +20,11 @@ from hypothesis import strategies as st
 
 # Far above what any example needs (milliseconds), far below a hang.
 SECONDS_PER_EXAMPLE = 5.0
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# FUZZ_EXAMPLES=5000 for a longer search than the suite's.
+FUZZ = settings(max_examples=int(os.environ.get("FUZZ_EXAMPLES", "300")), deadline=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+# The strategies that mutate a whole state describe themselves at length; that is all this says.
+pytestmark = pytest.mark.filterwarnings("ignore:Generating overly large repr")
 HOUR = datetime(2026, 2, 10, 14, tzinfo=timezone.utc)
 NOW = datetime(2026, 2, 11, 0, 5, tzinfo=timezone.utc)
 
@@ -167,6 +172,11 @@ def valid_state() -> dict:
         "last_run": {"at": mp.format_time(hour), "result": "ok", "error": None},
         "last_success_at": mp.format_time(hour),
         "sources": {mp.format_time(hour - mp.HOUR): "cd"},
+        "first_hour": mp.format_time(hour - 5 * mp.HOUR),
+        "waiting": {mp.format_time(hour - 2 * mp.HOUR): {"rejected": 2, "conflict": 1}},
+        "accounted": {mp.format_time(hour - mp.HOUR): {"sources": "cd", "formulas": "", "checks": 1,
+                                                     "amounts": {"c-1": {"cpu_core_hours": "7/2"}}}},
+        "hours_by_marker": True,
         "late_usage": [{"hour": mp.format_time(hour - mp.HOUR), "contract_id": "c-1", "dimension": "cpu_core_hours",
                         "difference": "1", "action": "reported", "at": mp.format_time(hour)}],
     }
@@ -212,8 +222,8 @@ def use_state(body: bytes):
         mp.format_status([row])
         if state.pending is not None:
             list(mp.ledger_record_lines(service.key, state.pending, {}, {}, NOW))
-            state.committed(state.pending, [])
-        mp.first_due_hour(state.last_processed_hour, None, NOW)
+            mp.dump_state({service.key: state.committed(state.pending, {}, 24).to_json()})
+        mp.first_due_hour(state.last_processed_hour, None, state.first_hour, NOW)
         mp.render_metrics(config.services, {}, {service.key: state}, 0, NOW, 1.0)
 
 
@@ -243,10 +253,12 @@ def use_ledger(body: bytes):
     """What the run, reconcile and history do with an hour's ledger file."""
     ledger = mp.Ledger(mp.LocalLedgerStorage("/nonexistent-ledger"))
     lines = list(ledger._parse("2026-02-10/x/2026-02-10T14.jsonl", body))
-    mp.billed_amounts(lines)
+    mp.legacy_accounted(lines)
+    mp.waiting_counts(lines)
     mp.reconcile_hour({("c-1", "cpu_core_hours"): Fraction(7, 2)}, lines, {})
-    mp.format_history(sorted(lines, key=lambda line: (line["hour"], line.get("service", ""), line["dimension"])))
-    mp.late_usage_lines(KEY, HOUR, lines, {("c-1", "cpu_core_hours"): Fraction(5)}, "cd", "carry", NOW)
+    mp.format_history(sorted(lines, key=lambda line: (line["hour"], line["service"], line["dimension"], line.get("at", ""))))
+    for line in mp.waiting_records(lines).values():
+        mp.retry_line(KEY, line, mp.RecordResult(mp.DELIVERED, "id-1"), NOW)
 
 
 valid_lines = st.lists(st.sampled_from(LEDGER_LINES), max_size=3).map(lambda lines: [json.dumps(line) for line in lines])

@@ -309,15 +309,18 @@ def test_secrets_in_clazars_answers_reach_neither_state_nor_status_nor_metrics(h
     result = harness.run(env=env)
     assert result.returncode == 1
     stored = harness.state_bytes().decode()
+    ledger = harness.state_path.parent / "metering_ledger" / mp.Ledger.hour_file(KEY, hours[0])
+    kept = ledger.read_text()
     shown = harness.run("status").output + harness.run("status", "--json").output
     tokens = harness.clazar.issued_tokens
     assert tokens
-    for text in (stored, shown, result.output, metrics(harness)):
+    for text in (stored, kept, shown, result.output, metrics(harness)):
         assert secret not in text and "ops@buyer.example" not in text
         assert not any(token in text for token in tokens)
-    entry = harness.entry()
-    assert entry["rejected"][0]["answer"]["errors"][0]["message"] == "contract of [email] unknown; client_secret=[redacted]"
-    assert "HTTP 400" in entry["last_run"]["error"] and "Bearer [redacted] for [email]" in entry["last_run"]["error"]
+    rejected = next(json.loads(line) for line in kept.splitlines() if json.loads(line)["contract_id"] == "c-gone")
+    assert rejected["answer"]["errors"][0]["message"] == "contract of [email] unknown; client_secret=[redacted]"
+    error = harness.entry()["last_run"]["error"]
+    assert "HTTP 400" in error and "Bearer [redacted] for [email]" in error
 
 
 def test_reconcile_csv_neutralises_a_contract_id_a_spreadsheet_would_run(harness, hours):
