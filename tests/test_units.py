@@ -100,7 +100,7 @@ def test_the_client_secret_may_come_from_a_file(tmp_path):
 
 
 @pytest.mark.parametrize("content, problem", [
-    (None, "cannot read"), ("", "holds nothing"), ("  \n", "holds nothing"), ("one\ntwo\n", "several lines"),
+    (None, "cannot read"), ("", "holds nothing"), ("  \n", "holds nothing"), ("first-secret-line\nsecond\n", "several lines"),
     (b"\xff\xfe", "not UTF-8"),
 ])
 def test_a_bad_client_secret_file_is_a_configuration_error_naming_the_file(tmp_path, content, problem):
