@@ -58,6 +58,8 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
         "last_processed_hour": iso(hours[0]),
         "hours_behind": 3,
         "marker": f"final before {iso(hours.final(4))}",
+        "export_age_hours": rows[0]["export_age_hours"],
+        "export_stale": True,
         "pending_hour": None,
         "pending_records": 0,
         "rejected_waiting": 1,
@@ -69,6 +71,14 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
     assert rows[0]["last_run"]["result"] == "rejected records" and rows[0]["last_run"]["sent"] == 1
     assert "hours behind marker:   3" in text.output and "rejected records:      1 waiting" in text.output
     assert f"last processed hour:   {iso(hours[0])}" in text.output
+    # The marker's data ends 26 hours ago: far past EXPORT_STALE_HOURS' default of 3.
+    assert 26 <= rows[0]["export_age_hours"] < 27
+    assert f"(final before {iso(hours.final(4))}) ({rows[0]['export_age_hours']:.1f} hours ago)" not in text.output
+    assert f"export marker:         final before {iso(hours.final(4))} ({rows[0]['export_age_hours']:.1f} hours ago)" \
+        in text.output
+    assert f"WARNING: the export is {rows[0]['export_age_hours']:.1f} hours behind, more than EXPORT_STALE_HOURS=3" \
+        in text.output
+    assert f"State {harness.state_path}" in text.output
 
 
 def test_status_shows_a_pending_hour_and_a_marker_problem(harness, hours):
@@ -223,8 +233,12 @@ def test_hours_sent_past_the_marketplace_window_are_warned_about(harness):
     if current_hour() != now:
         pytest.skip("the hour turned during the run")
     assert result.returncode == 0, result.output
-    warnings = [line for line in result.lines("WARNING") if "past the gcp marketplace's 2-hour window" in line]
-    assert [line.split("Hour ")[1][:19] for line in warnings] == [f"{hour:%Y-%m-%d %H}:00:00" for hour in late]
+    warnings = [line for line in result.lines("WARNING") if "marketplace" in line]
+    # One warning for the service's run, however many hours it concerns: how many, and the oldest.
+    assert len(warnings) == 1, result.output
+    assert (f"Acme Vector DB/PROD/pt-Q7rT2bX9kL: 2 hour(s) sent past the gcp marketplace's 2-hour window, "
+            f"the oldest {late[0]:%Y-%m-%d %H}:00:00, which ended ") in warnings[0]
+    assert re.search(r"which ended (4\.\d|5\.0) hours ago: the marketplace may refuse to bill them", warnings[0])
     assert "2 hour(s) sent past the marketplace's window" in result.output
     assert len(harness.clazar.accepted_keys()) == 3, "late hours are still sent"
 
