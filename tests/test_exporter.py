@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 from clazar_standin import call, no_results, reset_after_landing, revoke_tokens, short_results, status
-from conftest import CLIENT_SECRET, SERVICE, cpu
+from conftest import CLIENT_SECRET, SERVICE, cpu, five_records_in_three_batches
 from export_data import GIB, current_hour, files_with_refusals, iso, pod_records, record, service_key
 from servers import LISTER
 
@@ -458,18 +458,6 @@ def test_a_state_file_from_the_original_script_carries_over(harness, hours):
 # --- crashes and concurrency ---------------------------------------------------------------
 
 
-def _five_records_in_three_batches(harness, hours):
-    h = hours[0]
-    harness.write_hour(h, {"sub-AAAAAAAAAA": pod_records(SERVICE, h, contract="c-1", subscription="sub-AAAAAAAAAA"),
-                           "sub-BBBBBBBBBB": [cpu(h, "c-2", "sub-BBBBBBBBBB", 7)]})
-    harness.write_hour(hours[1], {"sub-AAAAAAAAAA": [cpu(hours[1], "c-1", "sub-AAAAAAAAAA", 1)]})
-    harness.write_marker(hours.final(2))
-    return {**expect(h, ("c-1", "cpu_core_hours", 2), ("c-1", "memory_byte_hours", 2 * GIB),
-                     ("c-1", "storage_allocated_byte_hours", 10 * GIB), ("c-1", "replica_hours", 1),
-                     ("c-2", "cpu_core_hours", 7)),
-            **expect(hours[1], ("c-1", "cpu_core_hours", 1))}
-
-
 @pytest.mark.parametrize("fault", [
     {"FAULT_KILL_BEFORE_STATE_WRITE": "1"},   # before the pending hour is recorded
     {"FAULT_KILL_AFTER_STATE_WRITE": "1"},    # pending recorded, nothing sent
@@ -482,7 +470,7 @@ def _five_records_in_three_batches(harness, hours):
 ], ids=lambda fault: "-".join(next(iter(fault.items()))).lower())
 def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(backend_harness, hours, fault):
     harness = backend_harness
-    expected = _five_records_in_three_batches(harness, hours)
+    expected = five_records_in_three_batches(harness, hours)
     env = {"START_HOUR": iso(hours[0]), "CLAZAR_BATCH_SIZE": "2", "STATE_LOCK_TTL_SECONDS": "5"}
     killed = harness.run(env=env, faults=fault)
     assert killed.returncode == -9, killed.output
