@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import shlex
+import subprocess
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from clazar_standin import call, no_results, reset_after_landing, revoke_tokens, short_results, status
@@ -15,6 +18,7 @@ from export_data import GIB, current_hour, files_with_refusals, iso, pod_records
 from servers import LISTER
 
 KEY = service_key(SERVICE)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def accepted(harness):
@@ -266,6 +270,62 @@ def test_dry_run_prints_records_and_sends_and_saves_nothing(harness, hours):
         assert '"contract_id": "c-1"' in result.output and '"quantity": "3"' in result.output
     assert harness.clazar.auth_calls == 0 and harness.clazar.metering_calls == 0
     assert not harness.state_path.exists()
+
+
+# Every way of asking for a dry run: the flag before and after each command that can send,
+# the variable, and the flag winning over DRY_RUN=false.
+DRY_RUN_WAYS = [
+    (("--dry-run",), {}), (("--dry-run", "run"), {}), (("run", "--dry-run"), {}),
+    (("--dry-run", "retry-failed"), {}), (("retry-failed", "--dry-run"), {}),
+    ((), {"DRY_RUN": "true"}), (("run",), {"DRY_RUN": "true"}), (("retry-failed",), {"DRY_RUN": "true"}),
+    (("run", "--dry-run"), {"DRY_RUN": "false"}), (("--dry-run", "retry-failed"), {"DRY_RUN": "false"}),
+]
+
+
+def test_no_way_of_asking_for_a_dry_run_sends_or_writes_anything(harness, hours, tmp_path):
+    # A state with something to send either way: due hours, and a rejected record to retry.
+    for i in range(3):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 2),
+                                                         cpu(hours[i], "c-2", "sub-AAAAAAAAAA", 3, pod="x")]})
+    harness.write_marker(hours.final(3))
+    metrics = tmp_path / "metering.prom"
+    settings = {"START_HOUR": iso(hours[0]), "MAX_HOURS_PER_RUN": "1", "METRICS_FILE": str(metrics)}
+    harness.clazar.known_contracts = {"c-1"}
+    assert harness.run(env=settings).returncode == 1
+    harness.clazar.known_contracts = None  # from now on Clazar would accept anything it is sent
+
+    def snapshot():
+        files = sorted(path for path in harness.state_path.parent.rglob("*") if path.is_file()) + [metrics]
+        return {str(path): path.read_bytes() for path in files}, harness.clazar.auth_calls, harness.clazar.metering_calls
+
+    before = snapshot()
+    assert len(harness.entry()["rejected"]) == 1 and any("metering_ledger" in path for path in before[0])
+
+    # config.env as an operator makes it from the example, loaded the way the cron recipe loads it,
+    # with DRY_RUN=true exported by the shell beforehand.
+    example = (ROOT / "config.env.example").read_text()
+    overrides = {**harness.env, **settings}
+    (harness.folder / "config.env").write_text(example + "".join(
+        f"{name}={shlex.quote(value)}\n" for name, value in overrides.items() if name not in ("PATH", "HOME")))
+    sourced = "set -a && . ./config.env && set +a && exec " + " ".join(harness.command())
+    ways = [(arguments, {**settings, **variables}) for arguments, variables in DRY_RUN_WAYS]
+    for arguments, variables in ways + [(command, None) for command in ((), ("run",), ("retry-failed",))]:
+        if variables is None:
+            process = subprocess.run(["/bin/sh", "-c", " ".join([sourced, *arguments])], cwd=harness.folder,
+                                     env={"PATH": "/usr/bin:/bin", "DRY_RUN": "true"}, capture_output=True, text=True)
+            returncode, output = process.returncode, process.stdout + process.stderr
+        else:
+            result = harness.run(*arguments, env=variables)
+            returncode, output = result.returncode, result.output
+        way = f"{arguments} {variables or 'DRY_RUN=true, then config.env sourced'}"
+        assert returncode == 0, f"{way}: {output}"
+        assert "Dry run: would" in output, way
+        assert snapshot() == before, f"{way} sent or wrote something"
+
+    # The dry runs had something to send: without them, both commands do send.
+    assert harness.run("retry-failed", env=settings).returncode == 0
+    assert harness.run(env=settings).returncode == 0
+    assert len(accepted(harness)) == 4
 
 
 # --- Clazar's answers and faults --------------------------------------------------------
