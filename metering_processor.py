@@ -56,7 +56,7 @@ from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Callable
 from collections.abc import Iterable, Iterator, Mapping, Sequence
-from urllib.parse import quote, urlsplit
+from urllib.parse import urlsplit
 
 __version__ = "1.0.0"
 
@@ -3123,14 +3123,15 @@ def write_metrics(path: str, text: str) -> None:
 
 def pushgateway_target(url: str, instance: str | None) -> str:
     """Where one run's metrics are PUT: ``<url>/metrics/job/metering_exporter``, and
-    ``/instance/<instance>`` when an instance is set. A value holding '/' goes
-    base64url-encoded (``instance@base64``), the Pushgateway's way of carrying it. Pure."""
+    ``/instance/<instance>`` when an instance is set. A value with any character
+    but letters, digits and ``._~-`` goes base64url-encoded (``instance@base64``),
+    the Pushgateway's way of carrying '/' and anything else safely. Pure."""
     target = f"{url.rstrip('/')}/metrics/job/{PUSHGATEWAY_JOB}"
     if instance:
-        if "/" in instance:
-            target += "/instance@base64/" + base64.urlsafe_b64encode(instance.encode("utf-8")).decode("ascii")
+        if re.fullmatch(r"[A-Za-z0-9._~-]+", instance):
+            target += "/instance/" + instance
         else:
-            target += "/instance/" + quote(instance, safe="")
+            target += "/instance@base64/" + base64.urlsafe_b64encode(instance.encode("utf-8")).decode("ascii")
     return target
 
 

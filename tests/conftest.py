@@ -194,6 +194,21 @@ def harness(s3, seaweed, bucket, clazar, tmp_path) -> Harness:
     return Harness(s3, seaweed, bucket, clazar, tmp_path)
 
 
+@pytest.fixture
+def certificate(tmp_path):
+    """A private CA and a certificate for 127.0.0.1 signed by it."""
+    def openssl(*arguments):
+        subprocess.run(["openssl", *arguments], check=True, capture_output=True, cwd=tmp_path)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
+            "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+            "-extfile", "san.ext", "-out", "server.pem")
+    return tmp_path
+
+
 @pytest.fixture(params=["local-state", "s3-state"])
 def backend_harness(request, harness) -> Harness:
     """The harness, once with a local state file and once with the state in S3."""

@@ -214,11 +214,17 @@ def test_first_run_starts_a_day_before_the_current_hour(harness):
         hour = now - timedelta(hours=offset)
         harness.write_hour(hour, {"sub-AAAAAAAAAA": [cpu(hour, "c-1", "sub-AAAAAAAAAA", offset)]})
     harness.write_marker(now - timedelta(hours=23))
-    result = harness.run()
+    # A relative path, resolved against the folder the run starts in: every message gives it whole.
+    result = harness.run(env={"STATE_FILE_PATH": "./metering_state.json"})
     if current_hour() != now:
         pytest.skip("the hour turned during the run")
     assert result.returncode == 0, result.output
-    assert f"No previous processing found, starting from {now - timedelta(hours=24):%Y-%m-%d %H}:00:00" in result.output
+    state = harness.folder / "metering_state.json"
+    assert f" - INFO - State {state} (lock {state}.lock); ledger {harness.folder / 'metering_ledger'}" \
+        in result.lines()[0]
+    assert (f" - WARNING - No previous processing found, starting from {now - timedelta(hours=24):%Y-%m-%d %H}:00:00 "
+            f"(24 hours before the current hour; START_HOUR is unset): the state {state} has no entry for {KEY}"
+            in result.output)
     assert accepted(harness) == {("c-1", "cpu_core_hours", iso(now - timedelta(hours=24))): 24}
 
 
@@ -486,6 +492,16 @@ def test_a_bad_file_fails_its_whole_hour_naming_the_key_and_sends_nothing_of_it(
     assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
 
 
+def test_the_state_and_ledger_in_s3_are_named_at_the_start(harness, hours):
+    url = harness.use_s3_state()
+    harness.write_marker(hours.final(0))
+    result = harness.run(env={"START_HOUR": iso(hours[0])})
+    assert result.returncode == 0, result.output
+    ledger = f"s3://{harness.state_bucket}/exporter/metering_ledger"
+    assert f" - INFO - State {url} (lock {url}.lock); ledger {ledger}" in result.lines()[0]
+    assert f"(START_HOUR): the state {url} has no entry for {KEY}" in "\n".join(result.lines("WARNING"))
+
+
 def test_corrupt_state_stops_the_run_and_is_left_untouched(backend_harness, hours):
     harness = backend_harness
     h = hours[0]
@@ -584,7 +600,8 @@ def test_a_second_run_while_one_is_working_exits_with_the_lock_code(backend_harn
     release.set()
     output, _ = first.communicate(timeout=60)
     assert second.returncode == 3, second.output
-    assert "another run holds the lock" in second.output
+    assert "another run holds the lock" in "\n".join(second.lines("WARNING")), "a held lock is normal, not an error"
+    assert second.lines("ERROR") == []
     assert first.returncode == 0, output
     assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
     assert harness.clazar.metering_calls == 1
@@ -630,6 +647,9 @@ def test_no_secret_token_or_email_reaches_the_log_even_at_debug(harness, hours):
     ({"CLAZAR_API_URL": "http://api.clazar.example/metering/"}, "CLAZAR_API_URL"),
     ({"CLAZAR_AUTH_URL": "http://10.0.0.8/authenticate/"}, "CLAZAR_AUTH_URL"),
     ({"CLAZAR_BATCH_SIZE": "-3"}, "CLAZAR_BATCH_SIZE"),
+    ({"EXPORT_STALE_HOURS": "0"}, "EXPORT_STALE_HOURS"),
+    ({"EXPORT_STALE_HOURS": "soon"}, "EXPORT_STALE_HOURS"),
+    ({"METRICS_PUSHGATEWAY_URL": "ftp://pushgateway/"}, "METRICS_PUSHGATEWAY_URL"),
 ])
 def test_a_bad_setting_exits_2_with_one_line_naming_it(harness, change, variable):
     result = harness.run(env=change)

@@ -3,6 +3,7 @@ lateness warnings, --help and --version."""
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 from datetime import timedelta
@@ -10,6 +11,7 @@ from datetime import timedelta
 import pytest
 from conftest import SERVICE, cpu
 from export_data import current_hour, files_with_refusals, iso, record, service_key
+from servers import Pushgateway
 
 KEY = service_key(SERVICE)
 
@@ -79,6 +81,10 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
     assert f"WARNING: the export is {rows[0]['export_age_hours']:.1f} hours behind, more than EXPORT_STALE_HOURS=3" \
         in text.output
     assert f"State {harness.state_path}" in text.output
+    relaxed = harness.run("status", env={**env, "EXPORT_STALE_HOURS": "48"})
+    assert relaxed.returncode == 0 and "WARNING" not in relaxed.output
+    assert json.loads(harness.run("status", "--json", env={**env, "EXPORT_STALE_HOURS": "48"}).output)[0]["export_stale"] \
+        is False
 
 
 def test_status_shows_a_pending_hour_and_a_marker_problem(harness, hours):
@@ -172,6 +178,9 @@ def test_metrics_after_a_good_run_and_after_a_failed_one(harness, hours, tmp_pat
     assert good["metering_rejected_records_waiting", KEY] == 0
     assert good["metering_pending_hour", KEY] == 0
     assert good["metering_run_late_hours", KEY] == 2  # these hours ended over a day ago, past AWS's 6 hours
+    # What an alert on a stalled export compares with time(): where the marker's data ends, and the state's.
+    assert good["metering_export_final_before_timestamp_seconds", KEY] == hours.final(3).timestamp()
+    assert good["metering_last_processed_hour_timestamp_seconds", KEY] == hours[1].timestamp()
     success = good["metering_last_success_timestamp_seconds", KEY]
     assert abs(success - good["metering_run_timestamp_seconds", ""]) < 60
 
@@ -200,6 +209,60 @@ def test_metric_labels_are_escaped():
     report = mp.ServiceReport(service, hours=1)
     text = mp.render_metrics([service], {service.key: report}, {}, 0, mp.utc_now(), 1.5)
     assert parse_metrics(text)["metering_run_hours_processed", 'Odd \\"Name\\" \\\\ DB:PROD:pt-1'] == 1
+
+
+def test_metrics_are_pushed_to_a_pushgateway_and_a_failed_push_only_warns(harness, hours, tmp_path, certificate):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    metrics = tmp_path / "metering.prom"
+    env = {"START_HOUR": iso(hours[0]), "METRICS_FILE": str(metrics)}
+    with Pushgateway() as gateway:
+        grouped = {**env, "METRICS_PUSHGATEWAY_URL": gateway.url + "/", "METRICS_PUSHGATEWAY_INSTANCE": "eu-west/prod 1"}
+        result = harness.run(env=grouped)
+        assert result.returncode == 0, result.output
+        [(method, path, headers, body)] = gateway.requests
+        assert method == "PUT" and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert path == "/metrics/job/metering_exporter/instance@base64/" + base64.urlsafe_b64encode(b"eu-west/prod 1").decode()
+        assert body.decode() == metrics.read_text(), "the same metrics as the textfile"
+        pushed = parse_metrics(body.decode())
+        assert pushed["metering_run_records_sent", KEY] == 1 and pushed["metering_run_exit_status", ""] == 0
+
+        # A Pushgateway that refuses is a warning; the run's exit code stays its own.
+        gateway.status = 500
+        refused = harness.run(env={**grouped, "METRICS_PUSHGATEWAY_INSTANCE": "worker-1"})
+        assert refused.returncode == 0, refused.output
+        assert gateway.requests[-1][1] == "/metrics/job/metering_exporter/instance/worker-1"
+        assert f"WARNING - Could not push the metrics to {gateway.url}/metrics/job/metering_exporter/instance/worker-1: " \
+               "HTTP 500" in refused.output
+        assert len(gateway.requests) == 2
+        gone = gateway.url
+    unreachable = harness.run(env={**env, "METRICS_PUSHGATEWAY_URL": gone})
+    assert unreachable.returncode == 0, unreachable.output
+    assert f"WARNING - Could not push the metrics to {gone}/metrics/job/metering_exporter: ConnectionError" \
+        in unreachable.output
+
+    # TLS is verified: a certificate from an unknown CA is refused, the private CA goes in REQUESTS_CA_BUNDLE.
+    with Pushgateway().use_tls(str(certificate / "server.pem"), str(certificate / "server.key")) as secure:
+        untrusted = harness.run(env={**env, "METRICS_PUSHGATEWAY_URL": secure.url})
+        assert untrusted.returncode == 0 and secure.requests == []
+        assert "Could not push the metrics" in untrusted.output and "CERTIFICATE_VERIFY_FAILED" in untrusted.output
+        trusted = harness.run(env={**env, "METRICS_PUSHGATEWAY_URL": secure.url,
+                                   "REQUESTS_CA_BUNDLE": str(certificate / "ca.pem")})
+        assert trusted.returncode == 0 and "Could not push" not in trusted.output
+        assert [request[1] for request in secure.requests] == ["/metrics/job/metering_exporter"]
+        assert parse_metrics(secure.requests[0][3].decode())["metering_run_exit_status", ""] == 0
+
+    wrong = harness.run(env={**env, "METRICS_PUSHGATEWAY_URL": "pushgateway:9091"})
+    assert wrong.returncode == 2 and "METRICS_PUSHGATEWAY_URL" in wrong.output
+
+
+def test_the_pushgateway_grouping_key():
+    import metering_processor as mp
+
+    assert mp.pushgateway_target("http://pg:9091/", None) == "http://pg:9091/metrics/job/metering_exporter"
+    assert mp.pushgateway_target("http://pg:9091", "") == "http://pg:9091/metrics/job/metering_exporter"
+    assert mp.pushgateway_target("https://pg", "prod-1.eu") == "https://pg/metrics/job/metering_exporter/instance/prod-1.eu"
+    assert mp.pushgateway_target("https://pg", "a/b") == "https://pg/metrics/job/metering_exporter/instance@base64/YS9i"
 
 
 # --- logs ----------------------------------------------------------------------------------------
