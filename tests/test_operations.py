@@ -5,8 +5,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from conftest import SERVICE, cpu
@@ -14,6 +19,8 @@ from export_data import current_hour, files_with_refusals, iso, record, service_
 from servers import Pushgateway
 
 KEY = service_key(SERVICE)
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def parse_metrics(text: str) -> dict[tuple[str, str], float]:
@@ -320,3 +327,59 @@ def test_help_lists_every_variable_and_version(harness):
         assert command in result.output
     version = harness.run("--version")
     assert version.returncode == 0 and mp.__version__ in version.output
+
+
+# --- the README's operator commands and the demo ------------------------------------------------
+
+
+def test_the_readmes_operator_commands_work_as_written_with_the_config_loaded(harness, hours, tmp_path):
+    """Each command the README shows an operator, run by /bin/sh in a checkout laid out as the cron
+    recipe's (config.env, .venv, the script), after the README's own line that loads the config."""
+    section = README.split("## Operating it", 1)[1]
+    load = re.search(r"^cd /opt/metering && set -a && \. \./config\.env && set \+a", section, re.M)
+    assert load, "the README shows how to load config.env before the commands"
+    commands = [line.split("  #")[0].strip() for line in README.splitlines()
+                if line.startswith(".venv/bin/python metering_processor.py ")]
+    assert {command.split()[2] for command in commands} >= {"status", "history", "reconcile", "retry-failed"}
+
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    checkout = tmp_path / "checkout"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    python = checkout / ".venv" / "bin" / "python"
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    python.chmod(0o755)
+    (checkout / "metering_processor.py").symlink_to(ROOT / "metering_processor.py")
+    settings = {**harness.env, "START_HOUR": iso(hours[0]), "STATE_FILE_PATH": "./metering_state.json"}
+    (checkout / "config.env").write_text("".join(
+        f"{name}={shlex.quote(value)}\n" for name, value in settings.items() if name not in ("PATH", "HOME")))
+    prefix = load.group(0).replace("/opt/metering", shlex.quote(str(checkout)))
+
+    def sh(command):
+        return subprocess.run(["/bin/sh", "-c", f"{prefix} && {command}"], env={"PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=120)
+
+    exported = sh(".venv/bin/python metering_processor.py")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert len(harness.clazar.accepted_keys()) == 1
+    for command in commands:
+        result = sh(command)
+        assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+        assert "configuration error" not in result.stderr
+    assert (checkout / "metering_state.json").exists() and len(harness.clazar.accepted_keys()) == 1
+
+
+def test_the_demo_fits_a_screen_and_warns_only_where_it_means_to():
+    result = subprocess.run([sys.executable, str(ROOT / "demo" / "run_demo.py")], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 60, result.stdout
+    assert " - ERROR - " not in result.stdout
+    # What it means to show: a first run finds no state and says where it looked, and one
+    # subscription without a marketplace payer is never billed.
+    warnings = [line.split(" - WARNING - ")[1] for line in lines if " - WARNING - " in line]
+    assert len(warnings) == 3, warnings
+    assert [warning.split(",")[0] for warning in warnings[:2]] == ["No previous processing found"] * 2
+    assert "have no externalPayerId or dimension" in warnings[2] and warnings[2].endswith(": sub-Vx00000002")
+    assert "288 records accepted" in result.stdout
