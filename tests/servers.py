@@ -221,6 +221,16 @@ class TCPProxy:
         self.listener.close()
 
 
+def serve_tls(server: ThreadingHTTPServer, certificate: str, key: str) -> str:
+    """Make ``server`` (not started yet) serve HTTPS with this certificate; returns the scheme."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return "https"
+
+
 class Pushgateway:
     """A loopback stand-in for a Prometheus Pushgateway: it records every request
     (method, path, headers, body) and answers ``status`` (200 unless set)."""
@@ -248,12 +258,7 @@ class Pushgateway:
         self.scheme = "http"
 
     def use_tls(self, certificate: str, key: str) -> Pushgateway:
-        import ssl
-
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certificate, key)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.scheme = "https"
+        self.scheme = serve_tls(self.server, certificate, key)
         return self
 
     @property
