@@ -164,6 +164,9 @@ CLOUDS = ("aws", "azure", "gcp")
 # usage 6 hours or more after the fact, Azure takes the past 24 hours; GCP is
 # the strictest commonly quoted.
 LATENESS_WINDOWS = {"aws": 6, "azure": 24, "gcp": 1}
+# The largest quantity one usage record may carry: AWS Marketplace's
+# UsageRecord.Quantity is a 32-bit integer. No limit is known for Azure or GCP.
+RECORD_QUANTITY_LIMITS = {"aws": 2**31 - 1, "azure": None, "gcp": None}
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 # Omnistrate's documented dimensions. Formulas may name these (and any listed in
@@ -199,7 +202,7 @@ SETTINGS = (
     ("S3_READ_CONCURRENCY", "32", "export files read at once"),
     ("READ_AHEAD_HOURS", "2", "hours read while the current one is sent (1 for hours of 1,000+ files)"),
     ("MAX_HOURS_PER_RUN", "24", "hours per service per run"),
-    ("START_HOUR", "current hour - 24 h", "first hour of a service with no state"),
+    ("START_HOUR", "current hour - 24 h", "first hour ever sent; no earlier hour is sent"),
     ("EXPORT_MARKER_LAG_MINUTES", "0", "extra wait after the marker declares an hour final"),
     ("EXPORT_STALE_HOURS", "3", "status warns when the marker's data is older than this"),
     ("LATENESS_WINDOW_HOURS", "aws 6, azure 24, gcp 1", "warn when an hour is sent later than this after it ended"),
@@ -207,6 +210,7 @@ SETTINGS = (
     ("LEDGER_RETENTION_DAYS", "400", "days of ledger kept"),
     ("LATE_USAGE", "report", "report, or carry: bill usage found late with the next hour"),
     ("LATE_USAGE_LOOKBACK_HOURS", "24", "processed hours checked each run for files added or rewritten since"),
+    ("MAX_RECORD_QUANTITY", "aws 2147483647, azure and gcp none", "largest quantity of one record; a larger one fails its hour"),
     ("DRY_RUN", "false", "true: read and print, send and save nothing"),
     ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     ("LOG_FORMAT", "text", "text, or json: one object per line"),
@@ -258,6 +262,7 @@ class Config:
     ledger_retention_days: int
     late_usage: str
     late_lookback_hours: int
+    max_record_quantity: int | None
     lock_ttl_seconds: int
     read_concurrency: int
     read_ahead_hours: int
@@ -494,6 +499,8 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
         ledger_retention_days=env.integer("LEDGER_RETENTION_DAYS", 400, 1),
         late_usage=env.choice("LATE_USAGE", "report", ("report", "carry")),
         late_lookback_hours=env.integer("LATE_USAGE_LOOKBACK_HOURS", 24, 0, 24 * 400),
+        max_record_quantity=(env.integer("MAX_RECORD_QUANTITY", 0, 1, MAX_VALUE) if env.text("MAX_RECORD_QUANTITY")
+                             else RECORD_QUANTITY_LIMITS[cloud]),
         lock_ttl_seconds=env.integer("STATE_LOCK_TTL_SECONDS", 900, 5),
         read_concurrency=env.integer("S3_READ_CONCURRENCY", 32, 1, 256),
         read_ahead_hours=env.integer("READ_AHEAD_HOURS", 2, 0, 8),
@@ -617,12 +624,23 @@ class ExportMarker:
         return self.processed_to[service_key] + timedelta(seconds=1) - lag
 
 
-def first_due_hour(last_processed_hour: datetime | None, start_hour: datetime | None, now: datetime) -> datetime:
-    """The next hour to process: after the last processed one, else START_HOUR, else a day ago."""
+def first_due_hour(last_processed_hour: datetime | None, start_hour: datetime | None,
+                   pinned_first_hour: datetime | None, now: datetime) -> datetime:
+    """The next hour to process.
+
+    After the last processed hour; for a service that has processed none, START_HOUR,
+    else the first hour pinned in its state by its first run, else a day before
+    ``now`` (which that first run pins: a start that moved with the clock would
+    skip a first hour that failed). START_HOUR is also a floor: no earlier hour is
+    ever sent, so moving it forward skips hours on purpose.
+    """
     if last_processed_hour is not None:
-        return last_processed_hour + HOUR
+        following = last_processed_hour + HOUR
+        return max(following, start_hour) if start_hour is not None else following
     if start_hour is not None:
         return start_hour
+    if pinned_first_hour is not None:
+        return pinned_first_hour
     return floor_hour(now) - 24 * HOUR
 
 
@@ -775,6 +793,10 @@ class FormulaError(MeteringError):
     """A dimension formula cannot be computed for a contract and hour."""
 
 
+class QuantityError(MeteringError):
+    """A record's quantity is larger than its marketplace accepts."""
+
+
 # Omnistrate's own query casts value to BIGINT; anything larger is corrupt data.
 MAX_VALUE = 2**63 - 1
 
@@ -816,8 +838,8 @@ class FileUsage:
 def parse_export_file(key: str, body: bytes, *, with_prices: bool = False) -> FileUsage:
     """Validate one export file and reduce it to billable rows.
 
-    Each row is (identity, contract, dimension, value, price total) where identity
-    is (subscriptionId, instanceId, podName, hostName, dimension) for de-duplication.
+    Each row is (identity, contract, dimension, value, price total) where identity is
+    (contract, subscriptionId, instanceId, podName, hostName, dimension), for de-duplication.
     Records with no externalPayerId or dimension are counted as unattributable.
 
     Raises ExportFileError naming ``key`` if the body is not a UTF-8 JSON array of
@@ -865,8 +887,10 @@ def parse_export_file(key: str, body: bytes, *, with_prices: bool = False) -> Fi
             usage.unattributable += 1
             usage.unattributed_subscriptions.add(str(record.get("subscriptionId") or key.rsplit("/", 1)[-1]))
             continue
+        # The contract leads the identity: rows of two contracts never collapse into
+        # one, even when both lack the subscription, instance, pod and host.
         identity = tuple(_identity_part(record.get(name)) for name in ("subscriptionId", "instanceId", "podName", "hostName"))
-        usage.rows.append((identity + (dimension,), contract, dimension, value, price))
+        usage.rows.append(((contract, *identity, dimension), contract, dimension, value, price))
     return usage
 
 
@@ -874,8 +898,8 @@ def parse_export_file(key: str, body: bytes, *, with_prices: bool = False) -> Fi
 class HourUsage:
     """The usage of one service for one hour, folded in file by file.
 
-    A row repeated for the same subscription, instance, pod, host and dimension
-    counts once, at its largest value, as Omnistrate's reference query does.
+    A row repeated for the same contract, subscription, instance, pod, host and
+    dimension counts once, at its largest value, as Omnistrate's reference query does.
     """
 
     hour: datetime
@@ -1154,6 +1178,53 @@ def carry(
     return quantities, updates
 
 
+def late_usage(accounted: Mapping[tuple[str, str], Fraction], now: Mapping[tuple[str, str], Fraction], carry_more: bool
+               ) -> tuple[dict[tuple[str, str], Fraction], dict[tuple[str, str], Fraction], dict[tuple[str, str], Fraction]]:
+    """Compare an already billed hour's usage as it reads now with what is accounted for it.
+
+    ``accounted`` is the high-water mark of the hour: what it was billed on plus
+    every increment carried for it since. Returns (carried, reported, accounted after):
+
+    * reported: every non-zero difference ``now - accounted`` (negative: less usage
+      than accounted, which cannot be taken back);
+    * carried: the positive differences, when ``carry_more``, to add to the remainders;
+    * accounted after: ``max(accounted, now)`` per key.
+
+    Because the mark only rises, usage that shrinks and grows back, or a file that
+    returns to an earlier content, is never carried twice: over any sequence of
+    contents the increments carried add up to the largest content less the first.
+    """
+    carried, reported, after = {}, {}, dict(accounted)
+    for key in sorted(set(accounted) | set(now)):
+        before, current = accounted.get(key, Fraction(0)), now.get(key, Fraction(0))
+        if current == before:
+            continue
+        reported[key] = current - before
+        if current > before:
+            after[key] = current
+            if carry_more:
+                carried[key] = current - before
+    return carried, reported, after
+
+
+def check_record_quantities(records: Sequence[Mapping[str, str]], limit: int | None, hour: datetime) -> None:
+    """Raise QuantityError for the first record whose quantity exceeds ``limit`` (None: no limit).
+
+    Checked before anything of the hour is sent: a marketplace refuses such a
+    record, and the hour must go whole or not at all.
+    """
+    if limit is None:
+        return
+    for record in records:
+        if int(record["quantity"]) > limit:
+            raise QuantityError(
+                f"hour {display_hour(hour)}: contract {record['contract_id']} dimension {record['dimension']} has "
+                f"quantity {record['quantity']}, above the {limit} one record may carry (MAX_RECORD_QUANTITY); "
+                "bill it in a larger unit with a formula, e.g. DIMENSION1_NAME=memory_gib_hours and "
+                "DIMENSION1_FORMULA=memory_byte_hours / 1073741824"
+            )
+
+
 def metering_records(hour: datetime, cloud: str, quantities: Mapping[tuple[str, str], int]) -> list[dict[str, str]]:
     """Clazar records for one hour, grouped by contract; zero quantities are not sent."""
     start, end = format_time(hour), format_time(hour + HOUR)
@@ -1181,17 +1252,35 @@ class ClazarAuthError(ClazarError):
 DELIVERED = "delivered"
 ALREADY_DELIVERED = "already delivered"
 REJECTED = "rejected"
+CONFLICT = "conflict"
 
-# Clazar's answer to a second record for a contract, dimension and hour. The record
-# is already there, so it counts as delivered.
+# Clazar's answer to a second record for a contract, dimension and hour. Whether
+# the record there is ours depends on how it was sent: see ``duplicate_outcome``.
 _DUPLICATE_MARKERS = (("same contract_id", "same hour"), ("already exists",))
 
 
 @dataclass(frozen=True)
 class RecordResult:
+    """Clazar's verdict on one record. ``retried``: its request was sent more than once,
+    so an earlier attempt may have landed it."""
+
     outcome: str
     record_id: str | None = None
     answer: Any = None
+    retried: bool = False
+
+
+def duplicate_outcome(resent: bool, retried: bool) -> str:
+    """What Clazar's "already exists" means for a record.
+
+    After a resend of our own pending hour, or after a request that was retried
+    (an earlier attempt may have landed before its answer was lost), the record
+    there is ours: already delivered. On a record's first send in a request sent
+    once, someone else holds that contract, dimension and hour (another exporter,
+    an older script, a second service with the same contract and dimension): a
+    conflict, never counted as delivered, since its usage may be unbilled.
+    """
+    return ALREADY_DELIVERED if resent or retried else CONFLICT
 
 
 def _answer_texts(entry: Mapping[str, Any]) -> list[str]:
@@ -1223,9 +1312,10 @@ def classify_result(record: Mapping[str, str], entry: Any) -> RecordResult:
     return RecordResult(REJECTED, entry.get("id"), answer)
 
 
-def read_results(records: Sequence[Mapping[str, str]], body: Any) -> list[RecordResult]:
+def read_results(records: Sequence[Mapping[str, str]], body: Any, retried: bool = False) -> list[RecordResult]:
     """Pair a 200 response's ``results`` with the records sent, by position.
 
+    ``retried`` says the request was sent more than once, and is kept on each result.
     Raises ClazarError if there is no ``results`` list of the right length.
     """
     results = body.get("results") if isinstance(body, dict) else None
@@ -1233,7 +1323,27 @@ def read_results(records: Sequence[Mapping[str, str]], body: Any) -> list[Record
         raise ClazarError("response has no results list")
     if len(results) != len(records):
         raise ClazarError(f"response has {len(results)} results for {len(records)} records")
-    return [classify_result(record, entry) for record, entry in zip(records, results)]
+    return [dataclasses.replace(classify_result(record, entry), retried=retried) for record, entry in zip(records, results)]
+
+
+def _was_retried(response: Any) -> bool:
+    """Whether urllib3 sent this request more than once (its Retry keeps a history)."""
+    retries = getattr(getattr(response, "raw", None), "retries", None)
+    return bool(getattr(retries, "history", ()))
+
+
+def masked_answer(answer: Any, depth: int = 0) -> Any:
+    """Clazar's answer as it may be kept: the secret, tokens and e-mail addresses masked
+    in every string, and anything nested deeper than a few levels kept as masked text."""
+    if answer is None or isinstance(answer, (bool, int, float)):
+        return answer
+    if isinstance(answer, str) or depth >= 8:
+        return _REDACTOR.mask(answer if isinstance(answer, str) else json.dumps(answer, default=str)[:1000])
+    if isinstance(answer, dict):
+        return {_REDACTOR.mask(str(name)): masked_answer(value, depth + 1) for name, value in answer.items()}
+    if isinstance(answer, (list, tuple)):
+        return [masked_answer(value, depth + 1) for value in answer]
+    return _REDACTOR.mask(str(answer))
 
 
 def batches(records: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -1396,10 +1506,12 @@ class ClazarClient:
         STOP.check("before sending a batch")
         token = self.token()
         response = self._post(self.config.api_url, {"request": list(records)}, token)
+        retried = _was_retried(response)
         if response.status_code == 401:
             log.info("Clazar answered 401; authenticating again")
             self.forget_token(token)
             response = self._post(self.config.api_url, {"request": list(records)}, self.token())
+            retried = retried or _was_retried(response)
         if response.status_code != 200:
             body = response.text[:300].replace("\n", " ")
             raise ClazarError(f"Clazar answered HTTP {response.status_code} to {len(records)} records: {body}")
@@ -1407,7 +1519,7 @@ class ClazarClient:
             body = response.json()
         except ValueError:
             raise ClazarError("Clazar answered 200 with a body that is not JSON") from None
-        return read_results(records, body)
+        return read_results(records, body, retried)
 
 
 # ---------------------------------------------------------------------------
@@ -1449,6 +1561,9 @@ class PendingHour:
     amounts: Mapping[tuple[str, str], Fraction] = field(default_factory=dict)
     carried: Mapping[tuple[str, str], Fraction] = field(default_factory=dict)
     sources: str = ""
+    # The formulas the amounts were computed with: late usage is compared only
+    # under the same formulas.
+    formulas: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -1459,6 +1574,7 @@ class PendingHour:
             "amounts": _fractions_to_json(self.amounts),
             "carried": _fractions_to_json(self.carried),
             "sources": self.sources,
+            "formulas": self.formulas,
         }
 
     @classmethod
@@ -1475,11 +1591,14 @@ class PendingHour:
                     raise ValueError(f"malformed quantity {record['quantity']!r}")
             unattributable = int(data.get("unattributable", 0))
             sources = str(data.get("sources", ""))
+            formulas = data.get("formulas")
         except (KeyError, TypeError, ValueError) as error:
             raise StateError(f"{where}: pending_hour is malformed ({error})") from None
         return cls(hour, records, _fractions_from_json(data.get("remainders", {}), f"{where}: remainders"),
                    unattributable, _fractions_from_json(data.get("amounts", {}), f"{where}: amounts"),
-                   _fractions_from_json(data.get("carried", {}), f"{where}: carried"), sources)
+                   _fractions_from_json(data.get("carried", {}), f"{where}: carried"), sources,
+                   # A pending hour from before formulas were recorded: unknown, never compared.
+                   formulas if isinstance(formulas, str) else UNKNOWN_FORMULAS)
 
 
 def _fractions_to_json(values: Mapping[tuple[str, str], Fraction]) -> dict[str, dict[str, str]]:
@@ -1520,23 +1639,81 @@ def _state_time(entry: Mapping[str, Any], name: str, where: str, kind: str) -> d
         raise StateError(f"{where}: {name} {text!r} is not a UTC {kind}") from None
 
 
+UNKNOWN_FORMULAS = "unknown"
+
+
+def formulas_fingerprint(formulas: Sequence[Formula]) -> str:
+    """A short digest of the configured formulas ("" with none), to tell when they changed."""
+    if not formulas:
+        return ""
+    text = "\n".join(f"{formula.name}={formula.text}" for formula in formulas)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class AccountedHour:
+    """What is accounted for one processed hour, for the late-usage check.
+
+    ``amounts`` is the high-water mark per (contract, dimension), in billing
+    dimensions: what the hour was billed on plus every increment carried for it
+    since. ``sources`` is the digest of the files last compared, ``formulas`` the
+    fingerprint of the formulas the amounts were computed with, and ``checks``
+    how many late checks were committed (their ledger lines carry their number,
+    so lines of a check that crashed before its commit can be told apart).
+    """
+
+    sources: str
+    formulas: str
+    amounts: Mapping[tuple[str, str], Fraction]
+    checks: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"sources": self.sources, "formulas": self.formulas, "checks": self.checks,
+                "amounts": _fractions_to_json(self.amounts)}
+
+    @classmethod
+    def from_json(cls, data: Any, where: str) -> AccountedHour:
+        if not isinstance(data, dict) or not isinstance(data.get("sources"), str) \
+                or not isinstance(data.get("formulas"), str) or type(data.get("checks", 0)) is not int:
+            raise StateError(f"{where} is not an object with sources, formulas and checks")
+        return cls(data["sources"], data["formulas"], _fractions_from_json(data.get("amounts", {}), f"{where}: amounts"),
+                   data.get("checks", 0))
+
+
+WAITING_OUTCOMES = (REJECTED, CONFLICT)
+
+
 @dataclass(frozen=True)
 class ServiceState:
-    """What the state remembers of one service key. Pure: each change returns a new one."""
+    """What the state remembers of one service key. Pure: each change returns a new one.
+
+    Records waiting for an operator (rejected, or in conflict) live in the ledger;
+    the state keeps only how many wait in each hour (``waiting``), so it stays small
+    however many accumulate.
+    """
 
     last_processed_hour: datetime | None = None
+    # The first hour of a service that has processed none, fixed by its first run.
+    first_hour: datetime | None = None
     remainders: Mapping[tuple[str, str], Fraction] = field(default_factory=dict)
     pending: PendingHour | None = None
-    rejected: tuple[Mapping[str, Any], ...] = ()
+    # {hour: {outcome: count}} of records waiting in the ledger.
+    waiting: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     last_run: Mapping[str, Any] | None = None
     last_success_at: datetime | None = None
-    # Digest of the files each recently processed hour was read from, to notice late usage.
-    sources: Mapping[str, str] = field(default_factory=dict)
+    # The recently processed hours, for the late-usage check.
+    accounted: Mapping[str, AccountedHour] = field(default_factory=dict)
     late_usage: tuple[Mapping[str, Any], ...] = ()
+    # Once the marker decided this service's hours, a missing marker is an error.
+    hours_by_marker: bool = False
+    # What earlier versions kept: rejected records in the state, file digests
+    # without amounts. Moved to the ledger and the accounted hours by the next run.
+    legacy_rejected: tuple[Mapping[str, Any], ...] = ()
+    legacy_sources: Mapping[str, str] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
 
-    KNOWN = ("last_processed_hour", "remainders", "pending_hour", "rejected", "last_run", "last_success_at",
-             "sources", "late_usage")
+    KNOWN = ("last_processed_hour", "first_hour", "remainders", "pending_hour", "waiting", "last_run",
+             "last_success_at", "accounted", "late_usage", "hours_by_marker", "rejected", "sources")
     LATE_USAGE_KEPT = 200
 
     @classmethod
@@ -1544,30 +1721,45 @@ class ServiceState:
         """Read one entry of the state document. Raises StateError naming what is wrong."""
         if not isinstance(entry, dict):
             raise StateError(f"{where} is not an object")
-        last = _state_time(entry, "last_processed_hour", where, "hour")
-        if last is not None and last != floor_hour(last):
-            raise StateError(f"{where}: last_processed_hour {format_time(last)} is not a whole hour")
+        hours = {}
+        for name in ("last_processed_hour", "first_hour"):
+            hours[name] = _state_time(entry, name, where, "hour")
+            if hours[name] is not None and hours[name] != floor_hour(hours[name]):
+                raise StateError(f"{where}: {name} {format_time(hours[name])} is not a whole hour")
         pending = entry.get("pending_hour")
         rejected = entry.get("rejected", [])
         if not isinstance(rejected, list) or not all(isinstance(item, dict) for item in rejected):
             raise StateError(f"{where}: rejected is not a list of objects")
+        waiting = entry.get("waiting", {})
+        if not isinstance(waiting, dict) or not all(
+                isinstance(counts, dict) and all(name in WAITING_OUTCOMES and type(count) is int and count > 0
+                                                 for name, count in counts.items())
+                for counts in waiting.values()):
+            raise StateError(f"{where}: waiting is not an object of {{hour: {{rejected|conflict: count}}}}")
         last_run = entry.get("last_run")
         if last_run is not None and not isinstance(last_run, dict):
             raise StateError(f"{where}: last_run is not an object")
         last_success = _state_time(entry, "last_success_at", where, "time")
         sources = entry.get("sources", {})
+        accounted = entry.get("accounted", {})
         late_usage = entry.get("late_usage", [])
-        if not isinstance(sources, dict) or not isinstance(late_usage, list):
-            raise StateError(f"{where}: sources is not an object or late_usage is not a list")
+        if not isinstance(sources, dict) or not isinstance(accounted, dict) or not isinstance(late_usage, list):
+            raise StateError(f"{where}: sources or accounted is not an object, or late_usage is not a list")
+        for hour_text in [*waiting, *accounted, *sources]:
+            _state_time({"hour": hour_text}, "hour", where, "hour")
         return cls(
-            last_processed_hour=last,
+            last_processed_hour=hours["last_processed_hour"],
+            first_hour=hours["first_hour"],
             remainders=_fractions_from_json(entry.get("remainders", {}), f"{where}: remainders"),
             pending=PendingHour.from_json(pending, where) if pending is not None else None,
-            rejected=tuple(rejected),
+            waiting={hour: dict(counts) for hour, counts in waiting.items()},
             last_run=last_run,
             last_success_at=last_success,
-            sources=dict(sources),
+            accounted={hour: AccountedHour.from_json(data, f"{where}: accounted {hour}") for hour, data in accounted.items()},
             late_usage=tuple(late_usage),
+            hours_by_marker=entry.get("hours_by_marker") is True,
+            legacy_rejected=tuple(rejected),
+            legacy_sources={hour: str(digest) for hour, digest in sources.items() if hour not in accounted},
             extra={name: value for name, value in entry.items() if name not in cls.KNOWN},
         )
 
@@ -1575,39 +1767,63 @@ class ServiceState:
         entry = dict(self.extra)
         if self.last_processed_hour is not None:
             entry["last_processed_hour"] = format_time(self.last_processed_hour)
+        if self.first_hour is not None:
+            entry["first_hour"] = format_time(self.first_hour)
         entry["remainders"] = _fractions_to_json({k: v for k, v in self.remainders.items() if v})
         if self.pending is not None:
             entry["pending_hour"] = self.pending.to_json()
-        entry["rejected"] = [dict(item) for item in self.rejected]
+        if self.waiting:
+            entry["waiting"] = {hour: dict(sorted(counts.items())) for hour, counts in sorted(self.waiting.items())}
+        if self.legacy_rejected:
+            entry["rejected"] = [dict(item) for item in self.legacy_rejected]
         if self.last_run is not None:
             entry["last_run"] = dict(self.last_run)
         if self.last_success_at is not None:
             entry["last_success_at"] = format_time(self.last_success_at)
-        if self.sources:
-            entry["sources"] = dict(sorted(self.sources.items()))
+        if self.accounted:
+            entry["accounted"] = {hour: accounted.to_json() for hour, accounted in sorted(self.accounted.items())}
+        if self.legacy_sources:
+            entry["sources"] = dict(sorted(self.legacy_sources.items()))
         if self.late_usage:
             entry["late_usage"] = list(self.late_usage)
+        if self.hours_by_marker:
+            entry["hours_by_marker"] = True
         return entry
+
+    def waiting_count(self, outcome: str) -> int:
+        return sum(counts.get(outcome, 0) for counts in self.waiting.values()) + (
+            len(self.legacy_rejected) if outcome == REJECTED else 0)
 
     def with_pending(self, pending: PendingHour) -> ServiceState:
         return dataclasses.replace(self, pending=pending)
 
-    def committed(self, pending: PendingHour, rejected: Iterable[Mapping[str, Any]] = ()) -> ServiceState:
-        """The state once ``pending`` is done: its hour processed, its remainders kept."""
-        sources = {**self.sources, format_time(pending.hour): pending.sources} if pending.sources else self.sources
+    def with_first_hour(self, hour: datetime) -> ServiceState:
+        return dataclasses.replace(self, first_hour=hour)
+
+    def with_hours_by_marker(self) -> ServiceState:
+        return dataclasses.replace(self, hours_by_marker=True)
+
+    def committed(self, pending: PendingHour, waiting: Mapping[str, int], lookback_hours: int) -> ServiceState:
+        """The state once ``pending`` is done: its hour processed, its remainders kept,
+        its waiting records counted, and its amounts tracked for the late-usage check
+        for ``lookback_hours`` (older hours are dropped)."""
+        accounted = dict(self.accounted)
+        accounted[format_time(pending.hour)] = AccountedHour(pending.sources, pending.formulas, dict(pending.amounts))
         return dataclasses.replace(
             self,
             last_processed_hour=pending.hour,
             remainders={**self.remainders, **pending.remainders},
             pending=None,
-            rejected=self.rejected + tuple(rejected),
-            sources=sources,
+            waiting=_with_counts(self.waiting, pending.hour, waiting),
+            accounted=_recent(accounted, pending.hour, lookback_hours),
+            legacy_sources=_recent(self.legacy_sources, pending.hour, lookback_hours),
         )
 
-    def with_late_usage(self, sources: Mapping[str, str], remainders: Mapping[tuple[str, str], Fraction],
+    def with_late_usage(self, accounted: Mapping[str, AccountedHour], remainders: Mapping[tuple[str, str], Fraction],
                         found: Iterable[Mapping[str, Any]]) -> ServiceState:
-        """The state after late usage was checked: recent sources, carried amounts, what was found."""
-        return dataclasses.replace(self, sources=dict(sources), remainders={**self.remainders, **remainders},
+        """The state after late usage was checked: the accounted hours, carried amounts, what was found."""
+        return dataclasses.replace(self, accounted=dict(accounted), legacy_sources={},
+                                   remainders={**self.remainders, **remainders},
                                    late_usage=(self.late_usage + tuple(found))[-self.LATE_USAGE_KEPT:])
 
     def with_run(self, run: Mapping[str, Any], at: datetime, succeeded: bool) -> ServiceState:
@@ -1615,8 +1831,29 @@ class ServiceState:
         return dataclasses.replace(self, last_run=dict(run),
                                    last_success_at=at if succeeded else self.last_success_at)
 
-    def with_rejected(self, rejected: Iterable[Mapping[str, Any]]) -> ServiceState:
-        return dataclasses.replace(self, rejected=tuple(rejected))
+    def with_waiting(self, hour: datetime, counts: Mapping[str, int]) -> ServiceState:
+        """The state with the waiting records of ``hour`` counted anew."""
+        return dataclasses.replace(self, waiting=_with_counts(self.waiting, hour, counts))
+
+    def without_legacy_rejected(self) -> ServiceState:
+        return dataclasses.replace(self, legacy_rejected=())
+
+
+def _with_counts(waiting: Mapping[str, Mapping[str, int]], hour: datetime,
+                 counts: Mapping[str, int]) -> dict[str, dict[str, int]]:
+    updated = {key: dict(value) for key, value in waiting.items()}
+    kept = {outcome: count for outcome, count in counts.items() if count}
+    if kept:
+        updated[format_time(hour)] = kept
+    else:
+        updated.pop(format_time(hour), None)
+    return updated
+
+
+def _recent(by_hour: Mapping[str, Any], last: datetime, lookback_hours: int) -> dict[str, Any]:
+    """The entries of the ``lookback_hours`` hours up to ``last``."""
+    horizon = format_time(last - lookback_hours * HOUR)
+    return {hour: value for hour, value in by_hour.items() if hour > horizon}
 
 
 def parse_state(body: bytes, where: str) -> dict[str, Any]:
@@ -1906,7 +2143,7 @@ class LedgerError(StateError):
     """The ledger could not be read or written."""
 
 
-ACCEPTED_OUTCOMES = (DELIVERED, ALREADY_DELIVERED, "delivered on retry")
+ACCEPTED_OUTCOMES = (DELIVERED, ALREADY_DELIVERED, "delivered on retry")  # the last is RETRY_DELIVERED
 NOT_SENT = "not sent: zero quantity"
 
 
@@ -2018,13 +2255,14 @@ def ledger_record_lines(service_key: str, pending: PendingHour, results: Mapping
 
     A record Clazar answers as already there on a resend keeps the id it was
     given the first time, when ``earlier_ids`` (from an interrupted attempt's
-    lines) has it. Lines are made one at a time: an hour of 5,000 subscriptions
-    has 20,000 of them.
+    lines) has it. A rejected or conflicting record keeps Clazar's answer, masked:
+    the ledger is where it waits for an operator. Lines are made one at a time:
+    an hour of 5,000 subscriptions has 20,000 of them.
     """
     quantities = {(record["contract_id"], record["dimension"]): int(record["quantity"]) for record in pending.records}
     for key in sorted(set(pending.amounts) | set(quantities)):
         result = results.get(key)
-        yield {
+        line = {
             "kind": "record", "service": service_key, "contract_id": key[0], "dimension": key[1],
             "hour": format_time(pending.hour), "quantity": quantities.get(key, 0),
             "amount": _fraction_text(pending.amounts.get(key, Fraction(0))),
@@ -2033,39 +2271,61 @@ def ledger_record_lines(service_key: str, pending: PendingHour, results: Mapping
             "outcome": result.outcome if result else NOT_SENT,
             "at": format_time(at),
         }
+        if result is not None and result.outcome in WAITING_OUTCOMES:
+            line["answer"] = masked_answer(result.answer)
+        yield line
 
 
-def billed_amounts(lines: Iterable[Mapping[str, Any]], except_sources: str | None = None) -> dict[tuple[str, str], Fraction]:
-    """The exact usage an hour's ledger lines account for, per contract and dimension:
-    the amounts it was billed on, plus late usage found since (other than ``except_sources``)."""
-    amounts: dict[tuple[str, str], Fraction] = {}
+def waiting_records(lines: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Mapping[str, Any]]:
+    """The records of one hour's ledger lines that wait for an operator, by (contract, dimension).
+
+    A record's fate is its latest line: the first send, then each retry, or an
+    operator clearing a conflict. It waits when that line is rejected or a conflict.
+    """
+    latest: dict[tuple[str, str], Mapping[str, Any]] = {}
+    for line in lines:
+        if line.get("kind") == "record":
+            latest[line["contract_id"], line["dimension"]] = line
+    return {key: line for key, line in latest.items() if line.get("outcome") in WAITING_OUTCOMES}
+
+
+def waiting_counts(lines: Iterable[Mapping[str, Any]]) -> dict[str, int]:
+    """{outcome: how many records wait} for one hour's ledger lines."""
+    counts: dict[str, int] = {}
+    for line in waiting_records(lines).values():
+        counts[line["outcome"]] = counts.get(line["outcome"], 0) + 1
+    return counts
+
+
+def late_usage_ledger_lines(service_key: str, hour: datetime, accounted: Mapping[tuple[str, str], Fraction],
+                            reported: Mapping[tuple[str, str], Fraction], carried: Mapping[tuple[str, str], Fraction],
+                            check: int, sources: str, at: datetime) -> list[dict[str, Any]]:
+    """The ledger lines of one late check of an already billed hour: one per difference found.
+
+    Each says what was accounted before, the difference, whether it was carried or
+    only reported, and the number of the check (see AccountedHour).
+    """
+    return [{"kind": "late", "service": service_key, "contract_id": key[0], "dimension": key[1],
+             "hour": format_time(hour), "accounted_before": _fraction_text(accounted.get(key, Fraction(0))),
+             "difference": _fraction_text(difference), "action": "carried" if key in carried else "reported",
+             "check": check, "sources": sources, "at": format_time(at)}
+            for key, difference in sorted(reported.items())]
+
+
+def legacy_accounted(lines: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str], Fraction]:
+    """The high-water mark of an hour processed by an earlier version, from its ledger lines:
+    the amounts it was billed on, raised by each later difference in the order found."""
+    billed: dict[tuple[str, str], Fraction] = {}
+    seen: dict[tuple[str, str], Fraction] = {}
     for line in lines:
         key = (line["contract_id"], line["dimension"])
         if line.get("kind") == "record" and not line.get("retry"):
-            amounts[key] = amounts.get(key, Fraction(0)) + Fraction(line["amount"])
-        elif line.get("kind") == "late" and line.get("sources") != except_sources:
-            amounts[key] = amounts.get(key, Fraction(0)) + Fraction(line["difference"])
-    return amounts
-
-
-def late_usage_lines(service_key: str, hour: datetime, billed: Sequence[Mapping[str, Any]],
-                     now: Mapping[tuple[str, str], Fraction], sources: str, policy: str,
-                     at: datetime) -> list[dict[str, Any]]:
-    """Ledger lines for usage of an already billed hour that differs from what was billed.
-
-    More usage is carried when ``policy`` is "carry"; less usage is only reported,
-    since nothing can be taken back from Clazar.
-    """
-    before = billed_amounts(billed, except_sources=sources)
-    lines = []
-    for key in sorted(set(before) | set(now)):
-        difference = now.get(key, Fraction(0)) - before.get(key, Fraction(0))
-        if difference:
-            lines.append({"kind": "late", "service": service_key, "contract_id": key[0], "dimension": key[1],
-                          "hour": format_time(hour), "difference": _fraction_text(difference), "sources": sources,
-                          "action": "carried" if policy == "carry" and difference > 0 else "reported",
-                          "at": format_time(at)})
-    return lines
+            billed[key] = billed.get(key, Fraction(0)) + Fraction(line["amount"])
+            seen[key] = max(seen.get(key, Fraction(0)), billed[key])
+        elif line.get("kind") == "late":
+            billed[key] = billed.get(key, Fraction(0)) + Fraction(line["difference"])
+            seen[key] = max(seen.get(key, Fraction(0)), billed[key])
+    return seen
 
 
 class Ledger:
@@ -2096,24 +2356,31 @@ class Ledger:
         self.storage.write(self.hour_file(service_key, hour),
                            ((json.dumps(line, sort_keys=True) + "\n").encode("utf-8") for line in lines))
 
-    def record_hour(self, service_key: str, pending: PendingHour, results: Mapping[tuple[str, str], RecordResult],
-                    at: datetime) -> None:
-        """Write a sent hour's lines, replacing what an interrupted attempt at it wrote."""
-        name = self.hour_file(service_key, pending.hour)
+    def earlier_attempt(self, service_key: str, hour: datetime) -> dict[tuple[str, str], dict[str, Any]]:
+        """{(contract, dimension): {"record_id", "outcome"}} of the record lines an interrupted
+        attempt at ``hour`` wrote. Only these two are kept, line by line: a resent hour
+        of 20,000 records would otherwise hold all of its earlier lines at once."""
+        name = self.hour_file(service_key, hour)
         data = self.storage.read(name)
-        # Only the ids are kept, line by line: a resent hour of 20,000 records
-        # would otherwise hold all of its earlier lines at once.
-        earlier_ids = {(line["contract_id"], line["dimension"]): line["record_id"]
-                       for line in (self._parse(name, data) if data is not None else ())
-                       if line.get("kind") == "record" and line.get("record_id")}
-        del data
+        return {(line["contract_id"], line["dimension"]): {"record_id": line.get("record_id"), "outcome": line.get("outcome")}
+                for line in (self._parse(name, data) if data is not None else ())
+                if line.get("kind") == "record" and not line.get("retry")}
+
+    def record_hour(self, service_key: str, pending: PendingHour, results: Mapping[tuple[str, str], RecordResult],
+                    earlier: Mapping[tuple[str, str], Mapping[str, Any]], at: datetime) -> None:
+        """Write a sent hour's lines, replacing what an interrupted attempt at it (``earlier``) wrote."""
+        earlier_ids = {key: line["record_id"] for key, line in earlier.items() if line.get("record_id")}
         self.write_hour(service_key, pending.hour, ledger_record_lines(service_key, pending, results, earlier_ids, at))
 
     def append(self, service_key: str, hour: datetime, lines: Sequence[Mapping[str, Any]],
-               replacing: Callable[[Mapping[str, Any]], bool] = lambda line: False) -> None:
-        """Add lines to an hour's file, first dropping earlier lines ``replacing`` selects."""
-        kept = [line for line in self.read_hour(service_key, hour) or [] if not replacing(line)]
-        self.write_hour(service_key, hour, kept + list(lines))
+               replacing: Callable[[Mapping[str, Any]], bool] = lambda line: False) -> list[dict[str, Any]]:
+        """Add lines to an hour's file, first dropping earlier lines ``replacing`` selects.
+        Writes nothing when there is nothing to add or drop. Returns the hour's lines."""
+        earlier = self.read_hour(service_key, hour) or []
+        kept = [line for line in earlier if not replacing(line)]
+        if lines or len(kept) != len(earlier):
+            self.write_hour(service_key, hour, kept + list(lines))
+        return kept + list(lines)
 
     def lines(self, service_key: str, first: datetime, last: datetime) -> Iterator[dict[str, Any]]:
         """Every line of the hours first..last (inclusive) of one service, hour by hour."""
@@ -2150,11 +2417,14 @@ class _Redactor(logging.Filter):
         super().__init__()
         self.secrets: set[str] = set()
 
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
+    def mask(self, text: str) -> str:
+        """``text`` with every known secret and every e-mail address masked."""
         for secret in self.secrets:
-            message = message.replace(secret, "[redacted]")
-        record.msg, record.args = self.EMAIL.sub("[email]", message), None
+            text = text.replace(secret, "[redacted]")
+        return self.EMAIL.sub("[email]", text)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.msg, record.args = self.mask(record.getMessage()), None
         if record.exc_info and not record.exc_text:
             record.exc_text = self.EMAIL.sub("[email]", logging.Formatter().formatException(record.exc_info))
             for secret in self.secrets:
@@ -2232,6 +2502,7 @@ class ServiceReport:
     sent: int = 0
     already_delivered: int = 0
     rejected: int = 0
+    conflicts: int = 0
     unattributable: int = 0
     late_hours: int = 0
     late_usage: int = 0
@@ -2248,15 +2519,16 @@ class ServiceReport:
 
     @property
     def ok(self) -> bool:
-        return self.failure is None and self.rejected == 0 and self.stopped is None
+        return self.failure is None and self.rejected == 0 and self.conflicts == 0 and self.stopped is None
 
     @property
     def result(self) -> str:
-        return "failed" if self.failure else "stopped" if self.stopped else "rejected records" if self.rejected else "ok"
+        return ("failed" if self.failure else "stopped" if self.stopped else "rejected records" if self.rejected else
+                "conflicting records" if self.conflicts else "ok")
 
     def to_json(self, at: datetime) -> dict[str, Any]:
         return {"at": format_time(at), "result": self.result, "hours": self.hours, "sent": self.sent,
-                "already_delivered": self.already_delivered, "rejected": self.rejected,
+                "already_delivered": self.already_delivered, "rejected": self.rejected, "conflicts": self.conflicts,
                 "unattributable": self.unattributable, "late_hours": self.late_hours, "late_usage": self.late_usage,
                 "error": self.failure}
 
@@ -2335,6 +2607,8 @@ class Exporter:
                        marker: ExportMarker | None, marker_error: MarkerError | None) -> None:
         log.info("Starting processing for %s", service.label)
         state = self.book.service(service.key)
+        if state.legacy_rejected and not self.config.dry_run:
+            state = move_legacy_rejected(service.key, state, self.book, self.ledger)
         if state.pending is not None:
             log.warning("Resending pending hour %s of %s (%d records) left by an earlier run",
                         display_hour(state.pending.hour), service.label, len(state.pending.records))
@@ -2345,14 +2619,16 @@ class Exporter:
             state = self._check_late_usage(service, state, report)
         if marker_error is not None:
             raise marker_error
+        if marker is None and state.hours_by_marker:
+            raise MarkerError(
+                f"the export marker s3://{self.config.bucket}/{MARKER_KEY} is missing, but it decided this service's "
+                "hours before: without it no hour can be known final. Restore it (or, if Omnistrate no longer writes "
+                "one, remove hours_by_marker from this service's state entry)")
         now = self.clock()
         final_before = marker.final_before(service.key, self.config.marker_lag) if marker else None
         report.export_final_before = marker.final_before(service.key) if marker else None
-        first = first_due_hour(state.last_processed_hour, self.config.start_hour, now)
-        if state.last_processed_hour is None:
-            log.warning("No previous processing found, starting from %s (%s): the state %s has no entry for %s",
-                        display_hour(first), "START_HOUR" if self.config.start_hour else
-                        "24 hours before the current hour; START_HOUR is unset", self.book.store.display, service.key)
+        first = first_due_hour(state.last_processed_hour, self.config.start_hour, state.first_hour, now)
+        state = self._pin(service, state, first, marker is not None)
         hours = due_hours(first, now, final_before, self.config.max_hours_per_run)
         report.behind = hours_between(first, due_end(now, final_before))
         if not hours:
@@ -2364,61 +2640,96 @@ class Exporter:
                     state = self._export_hour(service, state, usage, report)
                 report.behind -= 1
 
+    def _pin(self, service: ServiceKey, state: ServiceState, first: datetime, by_marker: bool) -> ServiceState:
+        """Fix, before anything is read, what later runs must not decide differently: the
+        first hour of a new service (so a failure there keeps it due instead of the start
+        moving on with the clock), and that its hours are decided by the marker."""
+        pinned = state
+        if state.last_processed_hour is None and state.first_hour != first:
+            # A WARNING naming the path: a relative STATE_FILE_PATH run from another folder
+            # starts over here, and must say where it looked.
+            log.warning("No previous processing found, starting from %s (%s): the state %s has no processed hour "
+                        "for %s", display_hour(first), "START_HOUR" if self.config.start_hour else
+                        "24 hours before the current hour; START_HOUR is unset", self.book.store.display, service.key)
+            pinned = pinned.with_first_hour(first)
+        elif state.last_processed_hour is not None and first > state.last_processed_hour + HOUR:
+            log.warning("START_HOUR %s skips %d hour(s) after the last processed hour %s: they will never be sent",
+                        format_time(first), hours_between(state.last_processed_hour + HOUR, first),
+                        display_hour(state.last_processed_hour))
+        if by_marker and not state.hours_by_marker:
+            pinned = pinned.with_hours_by_marker()
+        if pinned != state and not self.config.dry_run:
+            self.book.save(service.key, pinned)
+        return pinned
+
     def _check_late_usage(self, service: ServiceKey, state: ServiceState, report: ServiceReport) -> ServiceState:
         """Look again at the recently processed hours for files added or rewritten since.
 
         Usage found late cannot be sent for its own hour (Clazar refuses a second
-        record), so it is reported, and with LATE_USAGE=carry added to the carried
-        remainder of its contract and dimension, to be billed with the next hour.
-        The new digests and the carried amounts are saved in one state write, after
-        the ledger lines: a crash in between finds the same difference again and
-        rewrites the same lines, so nothing is carried twice.
+        record). ``late_usage`` compares it with the hour's high-water mark: more is
+        reported, and with LATE_USAGE=carry added to the carried remainder of its
+        contract and dimension, to be billed with the next hour; less is reported.
+        The ledger lines come first, then one state write with the new marks and
+        remainders: a crash in between finds the same difference again, and its lines
+        (numbered by check) replace the uncommitted ones, so nothing is carried twice.
         """
-        lookback = self.config.late_lookback_hours
-        if not lookback or state.last_processed_hour is None:
+        if state.last_processed_hour is None:
             return state
-        horizon = format_time(state.last_processed_hour - lookback * HOUR)
-        sources = {hour: digest for hour, digest in state.sources.items() if hour > horizon}
+        fingerprint = formulas_fingerprint(self.config.formulas)
+        tracked = {**self._legacy_hours(service, state, fingerprint), **state.accounted}
+        tracked = _recent(tracked, state.last_processed_hour, self.config.late_lookback_hours)
         carried: dict[tuple[str, str], Fraction] = {}
         found: list[dict[str, Any]] = []
-        for hour_text, digest in sorted(sources.items()):
+        for hour_text, accounted in sorted(tracked.items()):
             hour = parse_utc(hour_text)
+            if accounted.formulas != fingerprint:
+                log.warning("Hour %s was billed with other dimension formulas than today's: it is no longer checked "
+                            "for late usage", display_hour(hour))
+                del tracked[hour_text]
+                continue
             try:
                 listing = self.source.list_hour(hour_prefix(service, hour))
-                if listing.digest == digest:
-                    continue
-                billed = self.ledger.read_hour(service.key, hour)
-                if billed is None:
-                    log.warning("Files of already billed hour %s changed, but the ledger has no lines for it to "
-                                "compare with", display_hour(hour))
-                    sources[hour_text] = listing.digest
+                if listing.digest == accounted.sources:
                     continue
                 now = billable_amounts(self._read_hour(service, hour, listing), self.config.formulas)
             except MeteringError as error:
                 report.failure = f"checking hour {display_hour(hour)} for late usage: {error}"
                 log.error("%s: %s", service.label, report.failure)
                 continue
-            lines = late_usage_lines(service.key, hour, billed, now, listing.digest, self.config.late_usage,
-                                     self.clock())
-            for line in lines:
-                key = (line["contract_id"], line["dimension"])
-                if line["action"] == "carried":
-                    carried[key] = carried.get(key, state.remainders.get(key, Fraction(0))) + Fraction(line["difference"])
-                log.warning("Late usage: hour %s, already billed, now shows %s more %s for contract %s (%s)",
-                            display_hour(hour), line["difference"], line["dimension"], line["contract_id"],
-                            "carried to the next hour" if line["action"] == "carried" else
-                            "reported only; LATE_USAGE=carry would bill it with the next hour")
+            more, reported, after = late_usage(accounted.amounts, now, self.config.late_usage == "carry")
+            check = accounted.checks + 1 if reported else accounted.checks
+            lines = late_usage_ledger_lines(service.key, hour, accounted.amounts, reported, more, check,
+                                            listing.digest, self.clock())
             self.ledger.append(service.key, hour, lines,
-                               replacing=lambda line, d=listing.digest: line.get("kind") == "late" and line.get("sources") == d)
+                               replacing=lambda line, n=accounted.checks: line.get("kind") == "late" and line.get("check", 0) > n)
+            for key, amount in more.items():
+                carried[key] = carried.get(key, state.remainders.get(key, Fraction(0))) + amount
+            for (contract, dimension), difference in reported.items():
+                if difference > 0:
+                    log.warning("Late usage: hour %s, already billed, now shows %s more %s for contract %s (%s)",
+                                display_hour(hour), difference, dimension, contract,
+                                "carried to the next hour" if (contract, dimension) in more else
+                                "reported only; LATE_USAGE=carry would bill it with the next hour")
+                else:
+                    log.warning("Late usage: hour %s, already billed, now shows %s less %s for contract %s than "
+                                "already accounted (reported only; nothing can be taken back)",
+                                display_hour(hour), -difference, dimension, contract)
             report.late_usage += len(lines)
             found += [{name: line[name] for name in ("hour", "contract_id", "dimension", "difference", "action", "at")}
                       for line in lines]
-            sources[hour_text] = listing.digest
-        if sources == dict(state.sources) and not carried and not found:
+            tracked[hour_text] = AccountedHour(listing.digest, fingerprint, after, check)
+        if tracked == dict(state.accounted) and not state.legacy_sources and not carried and not found:
             return state
-        state = state.with_late_usage(sources, carried, found)
+        state = state.with_late_usage(tracked, carried, found)
         self.book.save(service.key, state)
         return state
+
+    def _legacy_hours(self, service: ServiceKey, state: ServiceState, fingerprint: str) -> dict[str, AccountedHour]:
+        """The hours an earlier version tracked by file digest only, with their marks rebuilt
+        from the ledger (an hour with no ledger file was billed with nothing)."""
+        return {hour_text: AccountedHour(digest, fingerprint,
+                                         legacy_accounted(self.ledger.read_hour(service.key, parse_utc(hour_text)) or ()))
+                for hour_text, digest in state.legacy_sources.items()}
 
     def _read_ahead(self, service: ServiceKey, hours: Sequence[datetime]) -> Iterator[HourUsage]:
         """Each hour's usage, in order, while the next hour is already being read.
@@ -2477,8 +2788,10 @@ class Exporter:
         if usage.unattributable:
             # Warned about once per service and run, in _summarise.
             report.unattributed.append((hour, usage.unattributable, frozenset(usage.unattributed_subscriptions)))
+        check_record_quantities(records, self.config.max_record_quantity, hour)
         carried = {key: state.remainders[key] for key in quantities if state.remainders.get(key)}
-        pending = PendingHour(hour, tuple(records), remainders, usage.unattributable, amounts, carried, usage.sources)
+        pending = PendingHour(hour, tuple(records), remainders, usage.unattributable, amounts, carried, usage.sources,
+                              formulas_fingerprint(self.config.formulas))
         return self._deliver(service, state, pending, report)
 
     def _deliver(self, service: ServiceKey, state: ServiceState, pending: PendingHour, report: ServiceReport,
@@ -2500,53 +2813,70 @@ class Exporter:
             for record in records:
                 log.info("Dry run record: %s", json.dumps(record, sort_keys=True))
             report.hours += 1
-            return state.committed(pending)
+            return state.committed(pending, {}, self.config.late_lookback_hours)
         if records and not replay:
             state = state.with_pending(pending)
             self.book.save(service.key, state)
             log.debug("Recorded pending hour %s in %s", display_hour(pending.hour), self.book.store.display)
-        rejected, results = [], {}
+        # What an interrupted attempt at this hour wrote: the record ids Clazar gave,
+        # and the conflicts it found, which a resend cannot tell from our own records.
+        earlier = self.ledger.earlier_attempt(service.key, pending.hour) if replay else {}
+        results: dict[tuple[str, str], RecordResult] = {}
         if records:
             log.info("Sending %d metering records to Clazar", len(records))
             for record, result in zip(records, self.clazar.deliver(records)):
-                rejected += self._account(record, result, report, replay)
-                results[record["contract_id"], record["dimension"]] = result
-            if not rejected:
+                key = (record["contract_id"], record["dimension"])
+                results[key] = self._account(record, result, report, replay, earlier.get(key, {}).get("outcome"))
+            if all(result.outcome in (DELIVERED, ALREADY_DELIVERED) for result in results.values()):
                 log.info("Successfully sent data to Clazar")
         if records or pending.amounts:
             # Before the commit: a crash here leaves the ledger ahead of the state, and
             # the resent pending hour rewrites this file rather than adding to it.
-            self.ledger.record_hour(service.key, pending, results, self.clock())
-        state = state.committed(pending, rejected)
+            self.ledger.record_hour(service.key, pending, results, earlier, self.clock())
+        waiting: dict[str, int] = {}
+        for result in results.values():
+            if result.outcome in WAITING_OUTCOMES:
+                waiting[result.outcome] = waiting.get(result.outcome, 0) + 1
+        state = state.committed(pending, waiting, self.config.late_lookback_hours)
         self.book.save(service.key, state)
         log.info("Saved state to %s", self.book.store.display)
         report.hours += 1
         report.last_processed_hour = state.last_processed_hour
         return state
 
-    def _account(self, record: Mapping[str, str], result: RecordResult, report: ServiceReport, replay: bool) -> list[dict]:
+    def _account(self, record: Mapping[str, str], result: RecordResult, report: ServiceReport, replay: bool,
+                 earlier_outcome: str | None) -> RecordResult:
+        """Count one record's result, log what needs an operator, and return the result
+        with an "already exists" answer resolved into delivered or a conflict."""
+        if result.outcome == ALREADY_DELIVERED:
+            outcome = CONFLICT if earlier_outcome == CONFLICT else duplicate_outcome(replay, result.retried)
+            result = dataclasses.replace(result, outcome=outcome)
+        where = f"contract {record['contract_id']} dimension {record['dimension']} hour {record['start_time']}"
         if result.outcome == DELIVERED:
             report.sent += 1
-            return []
-        if result.outcome == ALREADY_DELIVERED:
+        elif result.outcome == ALREADY_DELIVERED:
             report.already_delivered += 1
-            # On a resend this is the expected answer; on a first send it means
-            # something else delivered this record, which an operator should know.
+            # Expected on a resend; after a retried request, worth a line in the log.
             (log.info if replay else log.warning)(
-                "Clazar already holds contract %s dimension %s hour %s; counted as delivered",
-                record["contract_id"], record["dimension"], record["start_time"])
-            return []
-        report.rejected += 1
-        log.error("Clazar rejected contract %s dimension %s hour %s quantity %s: %s",
-                  record["contract_id"], record["dimension"], record["start_time"], record["quantity"],
-                  json.dumps(result.answer, sort_keys=True, default=str))
-        return [{**record, "answer": result.answer, "rejected_at": format_time(self.clock())}]
+                "Clazar already holds %s; counted as delivered: %s", where,
+                "this exporter sent it before" if replay else "its request was retried after an answer was lost")
+        elif result.outcome == CONFLICT:
+            report.conflicts += 1
+            log.error("Conflict: Clazar already holds %s, which this exporter had not sent: another exporter, an "
+                      "older script or a second service bills it. Not counted as delivered; our quantity %s is kept "
+                      "in the ledger (see 'conflicts' and the README)", where, record["quantity"])
+        else:
+            report.rejected += 1
+            log.error("Clazar rejected %s quantity %s: %s", where, record["quantity"],
+                      json.dumps(masked_answer(result.answer), sort_keys=True))
+        return result
 
     def _summarise(self, report: ServiceReport) -> None:
         last = display_hour(report.last_processed_hour) if report.last_processed_hour else "none"
         behind = "unknown" if report.behind is None else str(report.behind)
         line = (f"Finished {report.service.label}: {report.hours} hour(s) processed, {report.sent} record(s) sent, "
                 f"{report.already_delivered} already delivered, {report.rejected} rejected, "
+                + (f"{report.conflicts} in conflict, " if report.conflicts else "") +
                 f"{report.unattributable} unattributable; last processed hour {last}; {behind} hour(s) behind")
         if report.late_hours:
             line += f"; {report.late_hours} hour(s) sent past the marketplace's window"
@@ -2558,7 +2888,7 @@ class Exporter:
             log.error("%s; FAILED: %s", line, report.failure)
         elif report.stopped:
             log.warning("%s; STOPPED: %s", line, report.stopped)
-        elif report.rejected:
+        elif report.rejected or report.conflicts:
             log.error(line)
         else:
             log.info(line)
@@ -2602,104 +2932,207 @@ def is_export_stale(final_before: datetime, now: datetime, config: Config) -> bo
 RECORD_FIELDS = ("cloud", "contract_id", "dimension", "start_time", "end_time", "quantity")
 
 
-def retry_selection(entry: Mapping[str, Any], contract: str | None, hour: datetime | None) -> bool:
-    """Whether a kept rejected record is one ``retry-failed`` was asked to resend."""
-    if contract is not None and entry.get("contract_id") != contract:
-        return False
-    return hour is None or entry.get("start_time") == format_time(hour)
+def move_legacy_rejected(service_key: str, state: ServiceState, book: StateBook, ledger: Ledger) -> ServiceState:
+    """Move the rejected records an earlier version kept in the state to the ledger.
+
+    Each becomes the latest line of its key in its hour's file (unless that line
+    already says rejected, as after a crash half way), then one state write drops
+    the list and counts them per hour.
+    """
+    by_hour: dict[str, list[Mapping[str, Any]]] = {}
+    for entry in state.legacy_rejected:
+        by_hour.setdefault(str(entry.get("start_time")), []).append(entry)
+    for hour_text, entries in sorted(by_hour.items()):
+        try:
+            hour = parse_utc(hour_text)
+        except ValueError:
+            raise StateError(f"state entry {service_key!r}: a rejected record has no valid start_time") from None
+        waiting = waiting_records(ledger.read_hour(service_key, hour) or [])
+        lines = [{"kind": "record", "retry": True, "service": service_key, "contract_id": entry["contract_id"],
+                  "dimension": entry["dimension"], "hour": hour_text, "quantity": int(entry["quantity"]),
+                  "record_id": None, "outcome": REJECTED, "answer": masked_answer(entry.get("answer")),
+                  "attempts": int(entry.get("attempts", 1)), "at": str(entry.get("rejected_at") or hour_text)}
+                 for entry in entries if waiting.get((entry["contract_id"], entry["dimension"]), {}).get("outcome") != REJECTED]
+        state = state.with_waiting(hour, waiting_counts(ledger.append(service_key, hour, lines)))
+    state = state.without_legacy_rejected()
+    book.save(service_key, state)
+    log.info("Moved %d rejected record(s) of %s from the state to the ledger", sum(map(len, by_hour.values())), service_key)
+    return state
+
+
+def record_of(line: Mapping[str, Any], cloud: str) -> dict[str, str]:
+    """The metering record a ledger line stands for, as it was sent."""
+    hour = parse_utc(line["hour"])
+    return {"cloud": cloud, "contract_id": line["contract_id"], "dimension": line["dimension"],
+            "start_time": format_time(hour), "end_time": format_time(hour + HOUR), "quantity": str(line["quantity"])}
+
+
+def waiting_hours(state: ServiceState, outcome: str, hour: datetime | None) -> list[datetime]:
+    """The hours with records of ``outcome`` waiting, oldest first (only ``hour`` if given)."""
+    return [parse_utc(text) for text, counts in sorted(state.waiting.items())
+            if counts.get(outcome) and (hour is None or text == format_time(hour))]
 
 
 def retry_failed(config: Config, book: StateBook, ledger: Ledger, clazar: ClazarClient | None,
                  contract: str | None, hour: datetime | None, clock: Callable[[], datetime] = utc_now) -> int:
-    """Resend the rejected records kept in the state, per service.
+    """Resend the rejected records waiting in the ledger, hour by hour, per service.
 
-    A record Clazar now accepts, or answers as already there, leaves the state;
-    one it rejects again stays, with the new answer. A batch with no usable answer
-    changes nothing (exit 1). Returns the exit code.
+    A record Clazar now accepts, or answers as already there after a retried request,
+    is delivered on retry; one answered "already exists" on a request sent once is a
+    conflict (someone else holds it); one rejected again stays waiting, with the new
+    answer. Each outcome is a new ledger line, written before the state's count of
+    the hour is updated (the ledger is the truth: a crash in between is corrected by
+    the next retry-failed). A batch with no usable answer changes nothing (exit 1).
+    Memory holds one hour's waiting records at a time. Returns the exit code.
     """
     code = EXIT_OK
     for service in config.services:
         state = book.service(service.key)
-        chosen = [entry for entry in state.rejected if retry_selection(entry, contract, hour)]
-        if not chosen:
-            continue
         with _working_on(_SERVICE_CONTEXT, service.key):
-            records = [{name: entry[name] for name in RECORD_FIELDS} for entry in chosen]
-            if clazar is None:
-                log.info("Dry run: would resend %d rejected record(s) of %s", len(records), service.label)
-                for record in records:
-                    log.info("Dry run record: %s", json.dumps(record, sort_keys=True))
-                continue
-            log.info("Resending %d rejected record(s) of %s to Clazar", len(records), service.label)
-            try:
-                results = clazar.deliver(records)
-            except ClazarError as error:
-                log.error("%s: %s; the rejected records stay as they were", service.label, error)
-                code = EXIT_FAILED
-                continue
-            still, delivered = [], 0
-            for entry, record, result in zip(chosen, records, results):
-                if result.outcome == REJECTED:
-                    still.append({**entry, "answer": result.answer, "retried_at": format_time(clock()),
-                                  "attempts": int(entry.get("attempts", 1)) + 1})
-                    log.error("Clazar rejected contract %s dimension %s hour %s quantity %s again: %s",
-                              record["contract_id"], record["dimension"], record["start_time"], record["quantity"],
-                              json.dumps(result.answer, sort_keys=True, default=str))
+            if state.legacy_rejected and clazar is not None:
+                state = move_legacy_rejected(service.key, state, book, ledger)
+            for when in waiting_hours(state, REJECTED, hour):
+                lines = ledger.read_hour(service.key, when) or []
+                waiting = waiting_records(lines)
+                chosen = [line for line in waiting.values()
+                          if line["outcome"] == REJECTED and (contract is None or line["contract_id"] == contract)]
+                records = [record_of(line, config.cloud) for line in chosen]
+                if clazar is None:
+                    log.info("Dry run: would resend %d rejected record(s) of %s for hour %s", len(records),
+                             service.label, display_hour(when))
+                    for record in records:
+                        log.info("Dry run record: %s", json.dumps(record, sort_keys=True))
                     continue
-                delivered += 1
-                # Written before the state drops the record: a crash between the two resends
-                # it next time, Clazar answers "already there", and this line is replaced.
-                when = parse_utc(record["start_time"])
-                ledger.append(service.key, when, [{
-                    "kind": "record", "retry": True, "service": service.key, "contract_id": record["contract_id"],
-                    "dimension": record["dimension"], "hour": record["start_time"], "quantity": int(record["quantity"]),
-                    "record_id": result.record_id, "outcome": "delivered on retry", "at": format_time(clock()),
-                }], replacing=lambda line, r=record: bool(line.get("retry")) and line["contract_id"] == r["contract_id"]
-                    and line["dimension"] == r["dimension"])
-            kept = [entry for entry in state.rejected if not retry_selection(entry, contract, hour)] + still
-            book.save(service.key, state.with_rejected(kept))
-            log.info("%s: %d delivered, %d still rejected", service.label, delivered, len(still))
-            if still:
-                code = EXIT_FAILED
+                if records:
+                    log.info("Resending %d rejected record(s) of %s for hour %s to Clazar", len(records),
+                             service.label, display_hour(when))
+                    try:
+                        results = clazar.deliver(records)
+                    except ClazarError as error:
+                        log.error("%s: %s; the rejected records stay as they were", service.label, error)
+                        code = EXIT_FAILED
+                        continue
+                    lines = ledger.append(service.key, when, [
+                        retry_line(service.key, line, result, clock()) for line, result in zip(chosen, results)])
+                    for line in lines[-len(records):]:
+                        if line["outcome"] == REJECTED:
+                            log.error("Clazar rejected contract %s dimension %s hour %s quantity %s again: %s",
+                                      line["contract_id"], line["dimension"], line["hour"], line["quantity"],
+                                      json.dumps(line["answer"], sort_keys=True))
+                        elif line["outcome"] == CONFLICT:
+                            log.error("Conflict: Clazar already holds contract %s dimension %s hour %s, resent once: "
+                                      "someone else billed it; see 'conflicts'", line["contract_id"], line["dimension"],
+                                      line["hour"])
+                    outcomes = [line["outcome"] for line in lines[-len(records):]]
+                    log.info("%s, hour %s: %d delivered, %d still rejected, %d in conflict", service.label,
+                             display_hour(when), outcomes.count(RETRY_DELIVERED), outcomes.count(REJECTED),
+                             outcomes.count(CONFLICT))
+                    if outcomes.count(RETRY_DELIVERED) != len(outcomes):
+                        code = EXIT_FAILED
+                counts = waiting_counts(lines)
+                if counts != dict(state.waiting.get(format_time(when), {})):
+                    state = state.with_waiting(when, counts)
+                    book.save(service.key, state)
     return code
 
 
+RETRY_DELIVERED = "delivered on retry"
+
+
+def retry_line(service_key: str, line: Mapping[str, Any], result: RecordResult, at: datetime) -> dict[str, Any]:
+    """The ledger line of one resent record."""
+    outcome = result.outcome
+    if outcome in (DELIVERED, ALREADY_DELIVERED):
+        outcome = RETRY_DELIVERED if result.outcome == DELIVERED or result.retried else CONFLICT
+    retried = {"kind": "record", "retry": True, "service": service_key, "contract_id": line["contract_id"],
+               "dimension": line["dimension"], "hour": line["hour"], "quantity": int(line["quantity"]),
+               "record_id": result.record_id, "outcome": outcome, "at": format_time(at),
+               "attempts": int(line.get("attempts", 1)) + 1}
+    if outcome in WAITING_OUTCOMES:
+        retried["answer"] = masked_answer(result.answer)
+    return retried
+
+
+def clear_conflicts(config: Config, book: StateBook, ledger: Ledger, contract: str | None, hour: datetime | None,
+                    clock: Callable[[], datetime] = utc_now) -> int:
+    """Mark the waiting conflicts (of ``contract`` and ``hour`` if given) as resolved by an
+    operator: a "conflict cleared" ledger line each, then the state's counts. Nothing is
+    sent. Returns the exit code."""
+    for service in config.services:
+        state = book.service(service.key)
+        for when in waiting_hours(state, CONFLICT, hour):
+            lines = ledger.read_hour(service.key, when) or []
+            chosen = [line for line in waiting_records(lines).values()
+                      if line["outcome"] == CONFLICT and (contract is None or line["contract_id"] == contract)]
+            cleared = [{**{name: line[name] for name in ("service", "contract_id", "dimension", "hour", "quantity")},
+                        "kind": "record", "retry": True, "record_id": None, "outcome": CONFLICT_CLEARED,
+                        "at": format_time(clock())} for line in chosen]
+            lines = ledger.append(service.key, when, cleared)
+            for line in cleared:
+                log.info("Cleared the conflict of %s contract %s dimension %s hour %s (quantity %s, never billed by "
+                         "this exporter)", service.label, line["contract_id"], line["dimension"], line["hour"],
+                         line["quantity"])
+            state = state.with_waiting(when, waiting_counts(lines))
+            book.save(service.key, state)
+    return EXIT_OK
+
+
+CONFLICT_CLEARED = "conflict cleared"
+
+
+def list_waiting(config: Config, book: StateBook, ledger: Ledger, outcome: str, contract: str | None,
+                 hour: datetime | None) -> list[dict[str, Any]]:
+    """The records of ``outcome`` waiting in the ledger, for the ``conflicts`` command."""
+    found = []
+    for service in config.services:
+        for when in waiting_hours(book.service(service.key), outcome, hour):
+            found += [dict(line) for line in waiting_records(ledger.read_hour(service.key, when) or []).values()
+                      if line["outcome"] == outcome and (contract is None or line["contract_id"] == contract)]
+    return found
+
+
+def format_waiting(lines: Sequence[Mapping[str, Any]]) -> str:
+    if not lines:
+        return "No conflict waiting."
+    out = [f"{'hour':<21} {'contract':<38} {'dimension':<30} {'quantity':>14}  service / Clazar's answer"]
+    out += [f"{line['hour']:<21} {line['contract_id']:<38} {line['dimension']:<30} {line['quantity']:>14}  "
+            f"{line['service']} / {json.dumps(line.get('answer'), sort_keys=True)}" for line in lines]
+    out.append(f"{len(lines)} conflict(s) waiting; once resolved, clear them with: conflicts --clear")
+    return "\n".join(out)
+
+
 def reconcile_hour(now: Mapping[tuple[str, str], Fraction], lines: Sequence[Mapping[str, Any]] | None,
-                   chain: Mapping[tuple[str, str], Fraction]) -> tuple[dict[tuple[str, str], tuple[int, int, int]],
-                                                                       dict[tuple[str, str], Fraction]]:
+                   chain: Mapping[tuple[str, str], Fraction]
+                   ) -> tuple[dict[tuple[str, str], tuple[int, int, int, int]], dict[tuple[str, str], Fraction]]:
     """Compare one hour's usage as the export shows it now with what the ledger says was billed.
 
-    Returns ({(contract, dimension): (expected, billed, rejected)}, remainders after
-    the hour). Expected is what the same rules bill for today's usage: the whole
+    Returns ({(contract, dimension): (expected, billed, rejected, conflict)}, remainders
+    after the hour). Expected is what the same rules bill for today's usage: the whole
     part of the usage, less late usage already carried to later hours, plus the
     remainder the ledger says was carried in (else the one computed for the hour
     before, in ``chain``). Billed counts records Clazar accepted or already held;
-    rejected, records it refused that were not delivered since.
+    rejected and conflict, the quantities of records still waiting as such.
     """
     billed: dict[tuple[str, str], int] = {}
-    rejected: dict[tuple[str, str], int] = {}
     carried_in: dict[tuple[str, str], Fraction] = {}
     carried_late: dict[tuple[str, str], Fraction] = {}
     for line in lines or ():
         key = (line["contract_id"], line["dimension"])
         if line.get("kind") == "record":
-            quantity = int(line.get("quantity", 0))
             if line.get("outcome") in ACCEPTED_OUTCOMES:
-                billed[key] = billed.get(key, 0) + quantity
-                if line.get("retry"):
-                    rejected[key] = rejected.get(key, 0) - quantity
-            elif line.get("outcome") == REJECTED:
-                rejected[key] = rejected.get(key, 0) + quantity
+                billed[key] = billed.get(key, 0) + int(line.get("quantity", 0))
             if not line.get("retry"):
                 carried_in[key] = Fraction(line.get("carried_in", "0"))
         elif line.get("kind") == "late" and line.get("action") == "carried":
             carried_late[key] = carried_late.get(key, Fraction(0)) + Fraction(line["difference"])
+    waiting = {outcome: {key: int(line["quantity"]) for key, line in waiting_records(lines or ()).items()
+                         if line["outcome"] == outcome} for outcome in WAITING_OUTCOMES}
     compared, after = {}, {}
-    for key in sorted(set(now) | set(billed) | set(rejected) | set(carried_in)):
+    for key in sorted(set(now) | set(billed) | set(carried_in) | set(waiting[REJECTED]) | set(waiting[CONFLICT])):
         total = now.get(key, Fraction(0)) - carried_late.get(key, Fraction(0)) + carried_in.get(key, chain.get(key, Fraction(0)))
         expected = max(0, math.floor(total))
         after[key] = total - expected
-        compared[key] = (expected, billed.get(key, 0), rejected.get(key, 0))
+        compared[key] = (expected, billed.get(key, 0), waiting[REJECTED].get(key, 0), waiting[CONFLICT].get(key, 0))
     return compared, after
 
 
@@ -2720,17 +3153,18 @@ def reconcile(config: Config, exporter: Exporter, first: datetime, last: datetim
                 unattributable[service.key] += usage.unattributable
                 now = billable_amounts(usage, config.formulas)
                 compared, chain = reconcile_hour(now, exporter.ledger.read_hour(service.key, usage.hour), chain)
-                for (contract, dimension), (expected, billed, rejected) in compared.items():
-                    row = rows.setdefault((service.key, contract, dimension), [0, 0, 0])
-                    row[0], row[1], row[2] = row[0] + expected, row[1] + billed, row[2] + rejected
+                for (contract, dimension), (expected, billed, rejected, conflict) in compared.items():
+                    row = rows.setdefault((service.key, contract, dimension), [0, 0, 0, 0])
+                    for index, value in enumerate((expected, billed, rejected, conflict)):
+                        row[index] += value
                     if expected != billed:
                         differences.append({"service": service.key, "contract_id": contract, "dimension": dimension,
                                             "hour": format_time(usage.hour), "expected": expected, "billed": billed,
-                                            "difference": expected - billed, "rejected": rejected})
+                                            "difference": expected - billed, "rejected": rejected, "conflict": conflict})
     return {
         "from": format_time(first), "to": format_time(last),
         "rows": [{"service": key[0], "contract_id": key[1], "dimension": key[2], "expected": value[0],
-                  "billed": value[1], "difference": value[0] - value[1], "rejected": value[2]}
+                  "billed": value[1], "difference": value[0] - value[1], "rejected": value[2], "conflict": value[3]}
                  for key, value in sorted(rows.items())],
         "differences": differences,
         "unattributable_records": unattributable,
@@ -2739,7 +3173,7 @@ def reconcile(config: Config, exporter: Exporter, first: datetime, last: datetim
 
 
 def format_reconciliation(result: Mapping[str, Any], style: str) -> str:
-    columns = ("service", "contract_id", "dimension", "expected", "billed", "difference", "rejected")
+    columns = ("service", "contract_id", "dimension", "expected", "billed", "difference", "rejected", "conflict")
     if style == "json":
         return json.dumps(result, indent=2)
     if style == "csv":
@@ -2761,7 +3195,8 @@ def format_reconciliation(result: Mapping[str, Any], style: str) -> str:
     for difference in result["differences"]:
         lines.append(f"DIFFERENCE {difference['service']} contract {difference['contract_id']} {difference['dimension']} "
                      f"hour {difference['hour']}: expected {difference['expected']}, billed {difference['billed']}"
-                     + (f" ({difference['rejected']} rejected, see retry-failed)" if difference["rejected"] else ""))
+                     + (f" ({difference['rejected']} rejected, see retry-failed)" if difference["rejected"] else "")
+                     + (f" ({difference['conflict']} in conflict, see conflicts)" if difference["conflict"] else ""))
     lines.append(f"{len(result['differences'])} difference(s)" if result["differences"] else "Everything matches.")
     return "\n".join(lines)
 
@@ -2792,11 +3227,13 @@ def format_history(lines: Sequence[Mapping[str, Any]]) -> str:
 def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarker | None,
                    marker_error: MarkerError | None, config: Config, now: datetime) -> dict[str, Any]:
     """Where one service stands, from its state and the export marker. Pure."""
-    first = first_due_hour(state.last_processed_hour, config.start_hour, now)
+    first = first_due_hour(state.last_processed_hour, config.start_hour, state.first_hour, now)
     behind, marker_note, export_age, stale = None, "absent: closed hours are due", None, None
     try:
         if marker_error is not None:
             raise marker_error
+        if marker is None and state.hours_by_marker:
+            raise MarkerError("missing, but it decided this service's hours before: no hour is sent until it is back")
         final_before = marker.final_before(service.key, config.marker_lag) if marker else None
         behind = hours_between(first, due_end(now, final_before))
         if marker is not None:
@@ -2814,7 +3251,8 @@ def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarke
         "export_stale": stale,
         "pending_hour": format_time(state.pending.hour) if state.pending else None,
         "pending_records": len(state.pending.records) if state.pending else 0,
-        "rejected_waiting": len(state.rejected),
+        "rejected_waiting": state.waiting_count(REJECTED),
+        "conflicts_waiting": state.waiting_count(CONFLICT),
         "last_run": state.last_run,
         "last_success_at": format_time(state.last_success_at) if state.last_success_at else None,
         "late_usage_found": len(state.late_usage),
@@ -2839,6 +3277,8 @@ def format_status(rows: Sequence[Mapping[str, Any]], stale_hours: int = 3) -> st
             f"  pending hour:          {pending}",
             f"  rejected records:      {row['rejected_waiting']} waiting"
             + (" (python3 metering_processor.py retry-failed)" if row["rejected_waiting"] else ""),
+            f"  conflicts:             {row['conflicts_waiting']} waiting"
+            + (" (python3 metering_processor.py conflicts; see the README)" if row["conflicts_waiting"] else ""),
             f"  last run:              {last_run}",
             f"  last success:          {row['last_success_at'] or 'never'}",
         ]
@@ -2885,6 +3325,8 @@ def render_metrics(services: Sequence[ServiceKey], reports: Mapping[str, Service
         ("sent", "metering_run_records_sent", "Records Clazar accepted in the last run."),
         ("already_delivered", "metering_run_records_already_delivered", "Records Clazar already held."),
         ("rejected", "metering_run_records_rejected", "Records Clazar rejected in the last run."),
+        ("conflicts", "metering_run_records_conflicting",
+         "Records Clazar already held from another sender, found in the last run."),
         ("unattributable", "metering_run_records_unattributable", "Usage records without payer or dimension."),
         ("late_hours", "metering_run_late_hours", "Hours sent after the marketplace's lateness window."),
         ("late_usage", "metering_run_late_usage", "Usage found for already billed hours, per contract, dimension and hour."),
@@ -2901,7 +3343,9 @@ def render_metrics(services: Sequence[ServiceKey], reports: Mapping[str, Service
                     [(labels, states[key].last_processed_hour.timestamp()) for labels, key in per_service
                      if key in states and states[key].last_processed_hour is not None])
     lines += family("metering_rejected_records_waiting", "Rejected records kept for retry-failed.",
-                    [(labels, len(states[key].rejected)) for labels, key in per_service if key in states])
+                    [(labels, states[key].waiting_count(REJECTED)) for labels, key in per_service if key in states])
+    lines += family("metering_conflicting_records_waiting", "Records in conflict, waiting for an operator.",
+                    [(labels, states[key].waiting_count(CONFLICT)) for labels, key in per_service if key in states])
     lines += family("metering_pending_hour", "1 while an hour is recorded as pending (sent in part or not at all).",
                     [(labels, int(states[key].pending is not None)) for labels, key in per_service if key in states])
     return "\n".join(lines) + "\n"
@@ -2930,7 +3374,7 @@ def _help_epilog() -> str:
         "            DIMENSION3_NAME=usage_cents",
         "            DIMENSION3_FORMULA=(cpu_core_hours_total_price + memory_byte_hours_total_price) / 0.01",
         "",
-        "exit codes: 0 done, 1 an hour failed or a record was rejected, 2 configuration error,",
+        "exit codes: 0 done, 1 an hour failed or a record was rejected or in conflict, 2 configuration error,",
         "            3 another run holds the lock, 4 the state could not be read or written,",
         "            5 stopped by SIGTERM or SIGINT (a pending hour stays pending for the next run)",
         "",
@@ -2958,7 +3402,7 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     run.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help=dry_run_help)
     status = commands.add_parser("status", help="where each service stands; read-only, no lock, no Clazar call")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
-    retry = commands.add_parser("retry-failed", help="resend the rejected records kept in the state")
+    retry = commands.add_parser("retry-failed", help="resend the rejected records waiting in the ledger")
     retry.add_argument("--contract", help="only this contract")
     retry.add_argument("--hour", type=_hour_argument, help="only this hour, e.g. 2026-02-10T14:00:00Z")
     retry.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="show what would be resent")
@@ -2968,6 +3412,12 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     output = check.add_mutually_exclusive_group()
     output.add_argument("--json", action="store_const", dest="style", const="json", default="text")
     output.add_argument("--csv", action="store_const", dest="style", const="csv")
+    conflicts = commands.add_parser("conflicts", help="list the records in conflict (another sender holds them), "
+                                    "or clear them once resolved; never sends")
+    conflicts.add_argument("--contract", help="only this contract")
+    conflicts.add_argument("--hour", type=_hour_argument, help="only this hour, e.g. 2026-02-10T14:00:00Z")
+    conflicts.add_argument("--clear", action="store_true", help="mark them resolved (takes the lock)")
+    conflicts.add_argument("--json", action="store_true")
     history = commands.add_parser("history", help="what the ledger says was billed to one contract")
     history.add_argument("--contract", required=True)
     history.add_argument("--from", dest="first", type=_hour_argument, help="first hour (default: 31 days ago)")
@@ -3221,6 +3671,8 @@ def run_command(arguments: argparse.Namespace, environ: Mapping[str, str]) -> in
         except (StateError, LockHeld) as error:
             log_run_error(error)
             return error.exit_code
+    if command == "conflicts":
+        return show_or_clear_conflicts(config, client, store, arguments)
     if command in ("reconcile", "history"):
         try:
             return report_on_ledger(config, client, store, arguments)
@@ -3228,6 +3680,25 @@ def run_command(arguments: argparse.Namespace, environ: Mapping[str, str]) -> in
             log.error("%s", error)
             return error.exit_code
     return export(config, client, store)
+
+
+def show_or_clear_conflicts(config: Config, client: Any, store: LocalStateStore | S3StateStore,
+                            arguments: argparse.Namespace) -> int:
+    """conflicts: list them (read-only, no lock), or with --clear mark them resolved (with the lock)."""
+    try:
+        if not arguments.clear:
+            found = list_waiting(config, StateBook(store), open_ledger(config, client), CONFLICT,
+                                 arguments.contract, arguments.hour)
+            print(json.dumps(found, indent=2) if arguments.json else format_waiting(found))
+            return EXIT_OK
+        store.acquire()
+        try:
+            return clear_conflicts(config, StateBook(store), open_ledger(config, client), arguments.contract, arguments.hour)
+        finally:
+            store.release()
+    except MeteringError as error:
+        log_run_error(error)
+        return error.exit_code
 
 
 def report_on_ledger(config: Config, client: Any, store: LocalStateStore | S3StateStore,

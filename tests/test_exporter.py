@@ -441,13 +441,14 @@ def test_rejected_records_are_kept_reported_and_later_hours_go_on(harness, hours
     assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[i])): 2 for i in range(2)}
     entry = harness.entry()
     assert entry["last_processed_hour"] == iso(hours[1])
-    rejected = {(item["contract_id"], item["dimension"], item["start_time"], item["quantity"]): item["answer"]
-                for item in entry["rejected"]}
+    rejected = {(item["contract_id"], item["dimension"], item["hour"], item["quantity"]): item["answer"]
+                for item in harness.waiting()}
     assert set(rejected) == {
-        ("c-unknown", "cpu_core_hours", iso(hours[i]), "5") for i in range(2)
-    } | {("c-1", "replica_hours", iso(hours[i]), "1") for i in range(2)}
-    assert rejected["c-unknown", "cpu_core_hours", iso(hours[0]), "5"]["errors"] == ["Contract c-unknown not found"]
-    assert rejected["c-1", "replica_hours", iso(hours[0]), "1"] == {"status": "fail"}
+        ("c-unknown", "cpu_core_hours", iso(hours[i]), 5) for i in range(2)
+    } | {("c-1", "replica_hours", iso(hours[i]), 1) for i in range(2)}
+    assert rejected["c-unknown", "cpu_core_hours", iso(hours[0]), 5]["errors"] == ["Contract c-unknown not found"]
+    assert rejected["c-1", "replica_hours", iso(hours[0]), 1] == {"status": "fail"}
+    assert entry["waiting"] == {iso(hours[i]): {"rejected": 2} for i in range(2)}
     assert "Clazar rejected contract c-unknown dimension cpu_core_hours" in result.output
     assert "4 rejected" in result.output
 

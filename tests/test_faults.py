@@ -125,7 +125,7 @@ def test_rejected_records_are_kept_not_resent_and_the_rest_goes_through(harness,
     assert clean.returncode == 0, clean.output
     check(harness, hours, {key: value for key, value in expected.items() if key not in lost},
           [faulty.output, clean.output])
-    kept = {(item["contract_id"], item["dimension"], item["start_time"]) for item in harness.entry()["rejected"]}
+    kept = {(item["contract_id"], item["dimension"], item["hour"]) for item in harness.waiting()}
     assert kept == lost
     assert sum(outcome == "rejected" for outcome in harness.clazar.outcomes()) == len(lost), "a rejected record was resent"
 

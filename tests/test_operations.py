@@ -72,6 +72,7 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
         "pending_hour": None,
         "pending_records": 0,
         "rejected_waiting": 1,
+        "conflicts_waiting": 0,
         "last_run": rows[0]["last_run"],
         "last_success_at": None,
         "late_usage_found": 0,
@@ -117,11 +118,13 @@ def test_retry_failed_resends_fixed_records_and_keeps_the_rest(harness, hours):
     harness.write_marker(hours.final(2))
     env = {"START_HOUR": iso(hours[0])}
     assert harness.run(env=env).returncode == 1
-    assert len(harness.entry()["rejected"]) == 4
+    assert len(harness.waiting()) == 4
+    # The state only counts them per hour; the records themselves wait in the ledger.
+    assert harness.entry()["waiting"] == {iso(hours[0]): {"rejected": 2}, iso(hours[1]): {"rejected": 2}}
 
     dry = harness.run("retry-failed", "--dry-run", "--contract", "c-new", env=env)
     assert dry.returncode == 0 and dry.output.count("Dry run record:") == 2
-    assert len(harness.entry()["rejected"]) == 4
+    assert len(harness.waiting()) == 4
 
     # The contract is registered in Clazar now; the listing still lacks replica_hours.
     harness.clazar.known_contracts = {"c-1", "c-new"}
@@ -133,32 +136,39 @@ def test_retry_failed_resends_fixed_records_and_keeps_the_rest(harness, hours):
     everything = harness.run("retry-failed", env=env)
     assert everything.returncode == 1
     assert "rejected contract c-1 dimension replica_hours" in everything.output and "again" in everything.output
-    rejected = harness.entry()["rejected"]
+    rejected = harness.waiting()
     assert {(item["contract_id"], item["dimension"]) for item in rejected} == {("c-1", "replica_hours")}
     assert all(item["attempts"] == 2 and item["answer"] == {"status": "fail"} for item in rejected)
+    assert harness.entry()["waiting"] == {iso(hours[0]): {"rejected": 1}, iso(hours[1]): {"rejected": 1}}
     assert harness.clazar.accepted_quantities()[("c-new", "cpu_core_hours", iso(hours[0]))] == 5
 
     harness.clazar.registered_dimensions = None
     final = harness.run("retry-failed", env=env)
     assert final.returncode == 0, final.output
-    assert harness.entry()["rejected"] == []
-    # A record Clazar already holds counts as delivered: nothing is left to resend.
+    assert harness.waiting() == [] and "waiting" not in harness.entry()
+    # Nothing is left to resend.
+    calls = harness.clazar.metering_calls
     assert harness.run("retry-failed", env=env).returncode == 0
+    assert harness.clazar.metering_calls == calls
 
 
-def test_retry_failed_counts_already_delivered_as_delivered(harness, hours):
+def test_retry_failed_finds_a_conflict_when_someone_else_delivered_the_record(harness, hours):
     harness.clazar.known_contracts = {"c-1"}
     harness.write_hour(hours[0], {"sub-BBBBBBBBBB": [cpu(hours[0], "c-2", "sub-BBBBBBBBBB", 5)]})
     harness.write_marker(hours.final(1))
     assert harness.run(env={"START_HOUR": iso(hours[0])}).returncode == 1
-    # Someone delivered it by hand in the meantime.
+    # Someone delivered it by hand in the meantime, at another quantity.
     harness.clazar.known_contracts = None
     with harness.clazar.lock:
-        harness.clazar.accepted["c-2", "cpu_core_hours", iso(hours[0])] = {"quantity": "5"}
+        harness.clazar.accepted["c-2", "cpu_core_hours", iso(hours[0])] = {"quantity": "4"}
     result = harness.run("retry-failed")
-    assert result.returncode == 0, result.output
-    assert harness.entry()["rejected"] == []
-    assert "1 delivered, 0 still rejected" in result.output
+    assert result.returncode == 1, result.output
+    assert "Conflict: Clazar already holds contract c-2 dimension cpu_core_hours" in result.output
+    assert harness.waiting() == [] and [line["quantity"] for line in harness.waiting("conflict")] == [5]
+    assert harness.entry()["waiting"] == {iso(hours[0]): {"conflict": 1}}
+    # A conflict is never resent.
+    calls = harness.clazar.metering_calls
+    assert harness.run("retry-failed").returncode == 0 and harness.clazar.metering_calls == calls
 
 
 # --- metrics -----------------------------------------------------------------------------------

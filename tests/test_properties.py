@@ -96,7 +96,7 @@ def test_repeating_a_file_or_a_run_changes_nothing(rows):
     assert bill(doubled) == once
     # After a run has committed its last hour, no hour of it is due again.
     last = START + timedelta(hours=5)
-    assert mp.due_hours(mp.first_due_hour(last, None, last + timedelta(days=1)), last + timedelta(hours=1),
+    assert mp.due_hours(mp.first_due_hour(last, None, None, last + timedelta(days=1)), last + timedelta(hours=1),
                         None, 24) == []
 
 
@@ -111,3 +111,41 @@ def test_a_gib_formula_bills_the_whole_part_of_the_exact_gib_total(rows):
     for contract in CONTRACTS:
         total = sum(Fraction(value, 2**30) for c, value, _, _ in rows if c == contract)
         assert billed.get((contract, "memory_gib_hours"), 0) == math.floor(total)
+
+
+amounts = st.fractions(min_value=0, max_value=10**6, max_denominator=1000)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.dictionaries(st.sampled_from(CONTRACTS), amounts, max_size=3), min_size=1, max_size=12),
+       st.lists(st.booleans(), max_size=12))
+def test_late_usage_carries_exactly_the_largest_content_less_the_first(contents, committed):
+    """However an hour's content moves (shrinks, grows back, returns to an earlier
+    version) and whichever late checks crash before their commit, the increments
+    carried add up to the largest content seen less what was billed; nothing is
+    carried twice and nothing seen is lost."""
+    billed = {(contract, "d"): amount for contract, amount in contents[0].items()}
+    accounted, carried_total = billed, {}
+    for index, content in enumerate(contents[1:]):
+        now = {(contract, "d"): amount for contract, amount in content.items()}
+        carried, reported, after = mp.late_usage(accounted, now, True)
+        assert all(value > 0 for value in carried.values()) and all(reported[key] == value for key, value in carried.items())
+        # A check that crashed before its commit changes nothing: the next one starts from the same mark.
+        if index < len(committed) and not committed[index]:
+            continue
+        for key, value in carried.items():
+            carried_total[key] = carried_total.get(key, 0) + value
+        accounted = after
+    # A last check that commits: the content is what was last written.
+    last = {(contract, "d"): amount for contract, amount in contents[-1].items()}
+    carried, _, accounted = mp.late_usage(accounted, last, True)
+    for key, value in carried.items():
+        carried_total[key] = carried_total.get(key, 0) + value
+    for contract in CONTRACTS:
+        key = (contract, "d")
+        seen = [content.get(contract, 0) for content in contents]
+        committed_seen = [seen[0]] + [seen[i + 1] for i in range(len(seen) - 1)
+                                      if i >= len(committed) or committed[i]] + [seen[-1]]
+        assert carried_total.get(key, 0) == max(committed_seen) - seen[0]
+        assert accounted.get(key, 0) == max(committed_seen)
+        assert carried_total.get(key, 0) <= max(seen) - seen[0]

@@ -126,9 +126,23 @@ def test_exactly_on_the_boundary():
 
 def test_first_due_hour():
     now = at("2026-02-10T16:05:00Z")
-    assert mp.first_due_hour(at("2026-02-10T10:00Z"), None, now) == at("2026-02-10T11:00Z")
-    assert mp.first_due_hour(None, at("2026-02-01T00:00Z"), now) == at("2026-02-01T00:00Z")
-    assert mp.first_due_hour(None, None, now) == at("2026-02-09T16:00Z")
+    assert mp.first_due_hour(at("2026-02-10T10:00Z"), None, None, now) == at("2026-02-10T11:00Z")
+    assert mp.first_due_hour(None, at("2026-02-01T00:00Z"), None, now) == at("2026-02-01T00:00Z")
+    assert mp.first_due_hour(None, None, None, now) == at("2026-02-09T16:00Z")
+
+
+def test_a_pinned_first_hour_does_not_move_with_the_clock():
+    pinned = at("2026-02-09T16:00Z")
+    for now in (at("2026-02-10T16:05Z"), at("2026-02-11T09:00Z"), at("2026-03-01T00:00Z")):
+        assert mp.first_due_hour(None, None, pinned, now) == pinned
+    # START_HOUR, when set, wins over the pin of a service that has processed nothing.
+    assert mp.first_due_hour(None, at("2026-02-01T00:00Z"), pinned, at("2026-02-11T00:00Z")) == at("2026-02-01T00:00Z")
+
+
+def test_start_hour_is_a_floor_even_after_hours_were_processed():
+    now = at("2026-02-10T16:05:00Z")
+    assert mp.first_due_hour(at("2026-02-10T10:00Z"), at("2026-02-10T13:00Z"), None, now) == at("2026-02-10T13:00Z")
+    assert mp.first_due_hour(at("2026-02-10T10:00Z"), at("2026-02-01T00:00Z"), None, now) == at("2026-02-10T11:00Z")
 
 
 def test_marker_missing_key_names_the_keys_present():
@@ -207,6 +221,15 @@ def test_repeated_rows_count_once_at_their_largest_value():
     assert usage.totals() == {("c-1", "cpu_core_hours"): 9, ("c-2", "cpu_core_hours"): 2}
 
 
+def test_rows_of_two_contracts_never_collapse_even_without_identity_fields():
+    bare = {"dimension": "cpu_core_hours", "value": 5}
+    usage = mp.HourUsage(at("2026-01-01T00:00Z"))
+    usage.add(parse([{**bare, "externalPayerId": "c-1"}]))
+    usage.add(parse([{**bare, "externalPayerId": "c-2"}]))
+    assert usage.repeated == 0
+    assert usage.totals() == {("c-1", "cpu_core_hours"): 5, ("c-2", "cpu_core_hours"): 5}
+
+
 def test_carry_bills_whole_units_and_keeps_the_rest():
     quantities, remainders = mp.carry({("c", "d"): Fraction(1, 2)}, {("c", "d"): Fraction(3, 4)})
     assert quantities == {("c", "d"): 1} and remainders == {("c", "d"): Fraction(1, 4)}
@@ -256,6 +279,33 @@ def test_a_result_for_another_record_fails_the_batch():
         mp.read_results([RECORD], {"detail": "ok"})
 
 
+def test_already_exists_is_ours_only_after_a_resend_or_a_retried_request():
+    assert mp.duplicate_outcome(resent=True, retried=False) == mp.ALREADY_DELIVERED
+    assert mp.duplicate_outcome(resent=False, retried=True) == mp.ALREADY_DELIVERED
+    assert mp.duplicate_outcome(resent=False, retried=False) == mp.CONFLICT
+    duplicate = {"status": "fail", "errors": ["Metering record with same contract_id, dimension and same hour already exists"]}
+    assert mp.read_results([RECORD], {"results": [duplicate]}, retried=True)[0].retried is True
+
+
+def test_a_quantity_above_the_limit_fails_the_hour_naming_everything():
+    hour = at("2026-02-10T14:00Z")
+    records = mp.metering_records(hour, "aws", {("c-1", "memory_byte_hours"): 2**31, ("c-1", "cpu"): 4})
+    mp.check_record_quantities(records, None, hour)
+    mp.check_record_quantities(records, 2**31, hour)
+    with pytest.raises(mp.QuantityError) as error:
+        mp.check_record_quantities(records, 2**31 - 1, hour)
+    for part in ("c-1", "memory_byte_hours", "2147483648", "2147483647", "2026-02-10 14:00:00", "/ 1073741824"):
+        assert part in str(error.value)
+
+
+def test_record_quantity_limit_follows_the_cloud_unless_set():
+    assert mp.load_config({**BASE, "CLAZAR_CLOUD": "aws"}).max_record_quantity == 2**31 - 1
+    assert mp.load_config({**BASE, "CLAZAR_CLOUD": "gcp"}).max_record_quantity is None
+    assert mp.load_config({**BASE, "CLAZAR_CLOUD": "azure", "MAX_RECORD_QUANTITY": "1000"}).max_record_quantity == 1000
+    with pytest.raises(mp.ConfigError, match="MAX_RECORD_QUANTITY"):
+        mp.load_config({**BASE, "MAX_RECORD_QUANTITY": "0"})
+
+
 def test_batches():
     assert [len(b) for b in mp.batches(list(range(51)), 25)] == [25, 25, 1]
 
@@ -269,16 +319,38 @@ def test_service_state_round_trip_and_commit():
     state = mp.ServiceState.from_json({"last_processed_hour": "2026-01-01T04:00:00Z", "custom": 1}, "e")
     pending_state = mp.ServiceState.from_json(state.with_pending(pending).to_json(), "e")
     assert pending_state.pending == pending
-    done = pending_state.committed(pending, [{"contract_id": "c"}]).to_json()
+    done = pending_state.committed(pending, {"rejected": 1}, 24).to_json()
     assert done == {"last_processed_hour": "2026-01-01T05:00:00Z", "remainders": {"c": {"d": "1/3"}},
-                    "rejected": [{"contract_id": "c"}], "custom": 1}
+                    "waiting": {"2026-01-01T05:00:00Z": {"rejected": 1}}, "custom": 1,
+                    "accounted": {"2026-01-01T05:00:00Z": {"sources": "", "formulas": "", "checks": 0, "amounts": {}}}}
+    assert mp.ServiceState.from_json(done, "e").to_json() == done
+
+
+def test_accounted_hours_older_than_the_lookback_are_dropped_at_commit():
+    state = mp.ServiceState()
+    for i in range(5):
+        hour = at("2026-01-01T00:00Z") + timedelta(hours=i)
+        state = state.committed(mp.PendingHour(hour, (), {}, amounts={("c", "d"): Fraction(i)}), {}, 3)
+    assert sorted(state.accounted) == ["2026-01-01T02:00:00Z", "2026-01-01T03:00:00Z", "2026-01-01T04:00:00Z"]
+    assert mp.ServiceState().committed(mp.PendingHour(at("2026-01-01T00:00Z"), (), {}), {}, 0).accounted == {}
+
+
+def test_a_state_from_an_earlier_version_keeps_its_rejected_records_and_digests_until_moved():
+    entry = {"last_processed_hour": "2026-01-01T04:00:00Z", "rejected": [{"contract_id": "c", "start_time": "x"}],
+             "sources": {"2026-01-01T04:00:00Z": "abc"}}
+    state = mp.ServiceState.from_json(entry, "e")
+    assert state.waiting_count(mp.REJECTED) == 1 and state.legacy_sources == {"2026-01-01T04:00:00Z": "abc"}
+    assert mp.ServiceState.from_json(state.to_json(), "e") == state
 
 
 @pytest.mark.parametrize("entry", [
     [], {"last_processed_hour": "2026-01-01T04:30:00Z"}, {"remainders": {"c": {"d": "-1/2"}}},
     {"remainders": {"c": "1/2"}}, {"pending_hour": {"hour": "x", "records": []}},
     {"pending_hour": {"hour": "2026-01-01T04:00:00Z", "records": [{"contract_id": "c", "dimension": "d", "quantity": "1.5"}]}},
-    {"rejected": {}},
+    {"rejected": {}}, {"first_hour": "2026-01-01T04:30:00Z"}, {"waiting": {"2026-01-01T04:00:00Z": {"rejected": -1}}},
+    {"waiting": {"2026-01-01T04:00:00Z": {"delivered": 1}}}, {"waiting": {"not an hour": {"rejected": 1}}},
+    {"accounted": {"2026-01-01T04:00:00Z": {"sources": "a"}}},
+    {"accounted": {"2026-01-01T04:00:00Z": {"sources": "a", "formulas": "", "amounts": {"c": {"d": "x"}}}}},
 ])
 def test_corrupt_entries_are_refused(entry):
     with pytest.raises(mp.StateError):
@@ -329,3 +401,55 @@ def test_retries_back_off_exponentially_with_jitter_and_cap_retry_after():
         base = 0.5 * 2 ** (errors - 1)
         assert all(base <= wait <= base + 0.5 for wait in waits) and len(waits) > 1
     assert retry.parse_retry_after("3") == 3 and retry.parse_retry_after("3600") == 7
+
+
+# --- late usage and waiting records ------------------------------------------------------------
+
+K = ("c-1", "cpu_core_hours")
+
+
+def test_late_usage_carries_only_above_the_high_water_mark():
+    assert mp.late_usage({K: Fraction(10)}, {K: Fraction(12)}, True) == ({K: 2}, {K: 2}, {K: 12})
+    # Less usage is reported, the mark stays; growing back to it carries nothing.
+    assert mp.late_usage({K: Fraction(10)}, {K: Fraction(4)}, True) == ({}, {K: -6}, {K: 10})
+    assert mp.late_usage({K: Fraction(10)}, {K: Fraction(10)}, True) == ({}, {}, {K: 10})
+    # A contract that was not there at all (an hour billed with nothing) is carried whole.
+    assert mp.late_usage({}, {K: Fraction(7, 2)}, True) == ({K: Fraction(7, 2)}, {K: Fraction(7, 2)}, {K: Fraction(7, 2)})
+    # Reporting only: the mark still rises, so the same usage is reported once.
+    assert mp.late_usage({K: Fraction(1)}, {K: Fraction(3)}, False) == ({}, {K: 2}, {K: 3})
+
+
+def test_waiting_records_follow_the_latest_line_of_each_record():
+    line = {"kind": "record", "contract_id": "c-1", "dimension": "d", "hour": "h", "quantity": 3}
+    lines = [{**line, "outcome": "rejected"}, {**line, "contract_id": "c-2", "outcome": "conflict"},
+             {**line, "contract_id": "c-3", "outcome": "delivered"}, {"kind": "late", "contract_id": "c-1", "dimension": "d"},
+             {**line, "retry": True, "outcome": "rejected", "attempts": 2}]
+    assert mp.waiting_counts(lines) == {"rejected": 1, "conflict": 1}
+    lines.append({**line, "retry": True, "outcome": "delivered on retry"})
+    lines.append({**line, "contract_id": "c-2", "retry": True, "outcome": "conflict cleared"})
+    assert mp.waiting_counts(lines) == {}
+
+
+def test_an_earlier_versions_ledger_gives_the_high_water_mark():
+    lines = [{"kind": "record", "contract_id": "c-1", "dimension": "d", "amount": "10"},
+             {"kind": "late", "contract_id": "c-1", "dimension": "d", "difference": "-6"},
+             {"kind": "late", "contract_id": "c-1", "dimension": "d", "difference": "3"},
+             {"kind": "late", "contract_id": "c-2", "dimension": "d", "difference": "5/2"}]
+    assert mp.legacy_accounted(lines) == {("c-1", "d"): 10, ("c-2", "d"): Fraction(5, 2)}
+
+
+def test_a_retry_line_tells_a_conflict_from_a_delivery():
+    line = {"contract_id": "c-1", "dimension": "d", "hour": "2026-01-01T00:00:00Z", "quantity": 3, "attempts": 1}
+    delivered = mp.retry_line("k", line, mp.RecordResult(mp.DELIVERED, "id-1"), at("2026-01-02T00:00Z"))
+    assert delivered["outcome"] == "delivered on retry" and delivered["attempts"] == 2
+    ours = mp.retry_line("k", line, mp.RecordResult(mp.ALREADY_DELIVERED, retried=True), at("2026-01-02T00:00Z"))
+    assert ours["outcome"] == "delivered on retry"
+    theirs = mp.retry_line("k", line, mp.RecordResult(mp.ALREADY_DELIVERED, answer={"e": "x"}), at("2026-01-02T00:00Z"))
+    assert theirs["outcome"] == "conflict" and theirs["answer"] == {"e": "x"}
+
+
+def test_answers_kept_are_masked():
+    mp.redact("a-secret-kept-from-answers")
+    answer = {"errors": [{"message": "buyer ops@example.com, key a-secret-kept-from-answers"}], "n": [[[[[[[[[1]]]]]]]]]}
+    masked = json.dumps(mp.masked_answer(answer))
+    assert "ops@example.com" not in masked and "a-secret-kept-from-answers" not in masked and "[email]" in masked
