@@ -144,7 +144,7 @@ def main() -> int:
 
         status = subprocess.run(["/bin/sh", "-c", command + " status"], cwd=work, env=environment,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        print("=== metering_processor.py status\n" + status.stdout)
+        print("=== metering_processor.py status\n" + status.stdout, end="")
 
         totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
         hours: set[str] = set()
@@ -156,8 +156,8 @@ def main() -> int:
         print(f"{'contract':<37}" + "".join(f"{dimension:>18}" for dimension in dimensions))
         for contract, per_contract in sorted(totals.items()):
             print(f"{contract:<37}" + "".join(f"{per_contract.get(dimension, 0):>18}" for dimension in dimensions))
-        print(f"{len(clazar.accepted_quantities())} records accepted, each (contract, dimension, hour) once.")
-        print(f"State: {work / 'metering_state.json'}; metrics: {work / 'metering.prom'}")
+        print(f"{len(clazar.accepted_quantities())} records accepted, each (contract, dimension, hour) once. "
+              f"Metrics: {work / 'metering.prom'}")
         return 0 if codes == [0, 0] and not clazar.violations else 1
     finally:
         clazar.stop()

@@ -86,7 +86,8 @@ def test_a_stop_once_the_hour_is_pending_sends_nothing_and_leaves_it_pending(bac
     harness = backend_harness
     expected = five_records_in_three_batches(harness, hours)
     env = settings(harness, hours, tmp_path / "metering.prom")
-    result = harness.run(env=env, faults={"FAULT_SIGNAL_AFTER_STATE_WRITE": "1", "FAULT_SIGNAL": signal_name})
+    # State writes: 1 pins the service's first hour, 2 records hour 0 as pending.
+    result = harness.run(env=env, faults={"FAULT_SIGNAL_AFTER_STATE_WRITE": "2", "FAULT_SIGNAL": signal_name})
     assert_stopped_cleanly(harness, result, tmp_path / "metering.prom", pending_hour=iso(hours[0]))
     assert f"{signal_name} received: stopped before sending" in result.output
     assert harness.clazar.metering_calls == 0
@@ -125,8 +126,9 @@ def test_a_stop_while_a_batch_is_in_flight_sends_no_further_batch(backend_harnes
 def test_a_stop_between_hours_keeps_the_hour_committed_and_the_next_untouched(harness, hours, tmp_path):
     expected = five_records_in_three_batches(harness, hours)
     env = settings(harness, hours, tmp_path / "metering.prom")
-    # The second state write commits hour 0; the stop comes before hour 1 is recorded.
-    result = harness.run(env=env, faults={"FAULT_SIGNAL_AFTER_STATE_WRITE": "2"})
+    # The third state write commits hour 0 (after the first hour's pin and its pending record);
+    # the stop comes before hour 1 is recorded.
+    result = harness.run(env=env, faults={"FAULT_SIGNAL_AFTER_STATE_WRITE": "3"})
     assert result.returncode == STOPPED, result.output
     assert harness.entry()["last_processed_hour"] == iso(hours[0])
     assert "pending_hour" not in harness.entry()
@@ -143,7 +145,7 @@ def test_a_stop_works_when_the_exporter_is_pid_1(harness, hours, tmp_path):
         pytest.skip(f"cannot start a process as PID 1 of a new PID namespace here: {probe.stderr.strip()}")
     expected = five_records_in_three_batches(harness, hours)
     env = settings(harness, hours, tmp_path / "metering.prom")
-    result = harness.run(env=env, faults={"FAULT_SIGNAL_AFTER_STATE_WRITE": "1"}, wrapper=wrapper)
+    result = harness.run(env=env, faults={"FAULT_SIGNAL_AFTER_STATE_WRITE": "2"}, wrapper=wrapper)
     assert_stopped_cleanly(harness, result, tmp_path / "metering.prom", pending_hour=iso(hours[0]))
     assert harness.clazar.metering_calls == 0
     assert_rerun_completes_exactly_once(harness, env, expected, hours)
