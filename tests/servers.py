@@ -106,9 +106,14 @@ class SeaweedFS:
             "-s3.port.iceberg=0", "-s3.port.lance=0", "-volume.max=0", "-master.volumeSizeLimitMB=64",
             "-volume.preStopSeconds=0",
         ]
+        # Every bucket is a collection, which by default grows 7 volumes at its first write; with
+        # the volume count capped by free disk / 64 MB, a full test run of a few hundred buckets
+        # would run out ("No writable volumes and no free volumes left"). One volume per bucket
+        # is plenty for test data. weed reads master.toml from its working folder.
+        (self.directory / "master.toml").write_text("[master.volume_growth]\ncopy_1 = 1\n")
         self.log_path = self.directory / "weed.log"
         self.process = subprocess.Popen(command, stdout=open(self.log_path, "wb"), stderr=subprocess.STDOUT,
-                                        start_new_session=True)
+                                        start_new_session=True, cwd=self.directory)
         deadline = time.monotonic() + timeout
         client = self.client()
         name = f"probe-{random.randint(0, 10**9)}"
