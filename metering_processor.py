@@ -188,6 +188,7 @@ SETTINGS = (
     ("SERVICES", "(unset)", "comma-separated service:environment:plan keys"),
     ("CLAZAR_CLIENT_ID", "(required unless dry run)", "Clazar API client id"),
     ("CLAZAR_CLIENT_SECRET", "(required unless dry run)", "Clazar API client secret"),
+    ("CLAZAR_CLIENT_SECRET_FILE", "(unset)", "a file holding the secret instead (a systemd credential, a mounted secret)"),
     ("CLAZAR_CLOUD", "aws", "aws, azure or gcp"),
     ("CLAZAR_API_URL", DEFAULT_API_URL, "metering endpoint"),
     ("CLAZAR_AUTH_URL", "origin of CLAZAR_API_URL + /authenticate/", "token endpoint"),
@@ -427,6 +428,36 @@ def _ledger_path(path: str | None, state_path: str) -> str:
     return path.rstrip("/")
 
 
+def _client_secret(env: _Environment, required: bool) -> str:
+    """The Clazar client secret: CLAZAR_CLIENT_SECRET, or the file CLAZAR_CLIENT_SECRET_FILE names
+    (a systemd credential, a mounted Kubernetes or Docker secret), stripped of surrounding whitespace.
+
+    When not ``required`` (a dry run, a read-only command) the file is not read. Raises
+    ConfigError when both variables are set, or, when required, when neither is, or the
+    file cannot be read, is empty or holds more than one line. No message quotes the secret.
+    """
+    path = env.text("CLAZAR_CLIENT_SECRET_FILE")
+    if path is not None and env.text("CLAZAR_CLIENT_SECRET") is not None:
+        raise ConfigError("CLAZAR_CLIENT_SECRET_FILE", "is set together with CLAZAR_CLIENT_SECRET; set only one of them")
+    if path is None:
+        if required:
+            return env.required("CLAZAR_CLIENT_SECRET", "is required to send (or use --dry-run)")
+        return env.text("CLAZAR_CLIENT_SECRET", "")
+    if not required:
+        return ""
+    try:
+        with open(path, encoding="utf-8") as file:
+            secret = file.read().strip()
+    except OSError as error:
+        raise ConfigError("CLAZAR_CLIENT_SECRET_FILE", f"cannot read {path}: {error.strerror or error}") from None
+    except UnicodeDecodeError:
+        raise ConfigError("CLAZAR_CLIENT_SECRET_FILE", f"{path} is not UTF-8 text") from None
+    if not secret or "\n" in secret:
+        raise ConfigError("CLAZAR_CLIENT_SECRET_FILE", f"{path} must hold the secret on one line (it holds "
+                          f"{'nothing' if not secret else 'several lines'})")
+    return secret
+
+
 def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, sends: bool = True) -> Config:
     """Read every setting from ``environ``. Raises ConfigError naming the first bad variable.
 
@@ -450,10 +481,9 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
     is_dry_run = env.flag("DRY_RUN", False) if dry_run is None else dry_run
     if is_dry_run or not sends:
         client_id = env.text("CLAZAR_CLIENT_ID", "")
-        client_secret = env.text("CLAZAR_CLIENT_SECRET", "")
     else:
         client_id = env.required("CLAZAR_CLIENT_ID", "is required to send (or use --dry-run)")
-        client_secret = env.required("CLAZAR_CLIENT_SECRET", "is required to send (or use --dry-run)")
+    client_secret = _client_secret(env, required=sends and not is_dry_run)
 
     credentials_travel = sends and not is_dry_run
     api_url = _check_url("CLAZAR_API_URL", env.text("CLAZAR_API_URL", DEFAULT_API_URL), credentials_travel)

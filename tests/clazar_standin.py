@@ -11,6 +11,7 @@ and remembers what it accepted, so tests can ask whether every expected
 Faults can be scripted for the next metering calls: an HTTP status (with or
 without Retry-After), a hang, the connection reset after the records landed, a
 200 without results, tokens revoked, or a callback run while the request is held.
+``chaos``, when set, picks a fault (or none) for every call nothing is scripted for.
 
 Run it alone (for the demo and the benchmark):
     python tests/clazar_standin.py --port 8765 [--delay 0.03]
@@ -106,6 +107,8 @@ class ClazarStandIn:
         self.received: list[tuple[dict, str]] = []
         self.violations: list[str] = []
         self.faults: deque[Fault] = deque()
+        # When no fault is scripted: a function that may pick one for each metering call.
+        self.chaos: Callable[[], Fault | None] | None = None
         self.auth_faults: deque[Fault] = deque()
         self.metering_calls = 0
         self.auth_calls = 0
@@ -302,7 +305,7 @@ class ClazarStandIn:
             def _metering_request(self, body: Any) -> None:
                 with standin.lock:
                     standin.metering_calls += 1
-                    fault = standin.faults.popleft() if standin.faults else None
+                    fault = standin.faults.popleft() if standin.faults else standin.chaos() if standin.chaos else None
                 if fault is not None and fault.kind == "revoke_tokens":
                     standin.revoke()
                     fault = None

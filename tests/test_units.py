@@ -88,6 +88,44 @@ def test_secret_never_appears_in_a_config_error():
     assert "secret-value" not in str(error.value)
 
 
+def test_the_client_secret_may_come_from_a_file(tmp_path):
+    secret_file = tmp_path / "clazar_client_secret"
+    secret_file.write_text("secret-from-file\n")
+    base = {name: value for name, value in BASE.items() if name != "CLAZAR_CLIENT_SECRET"}
+    assert mp.load_config({**base, "CLAZAR_CLIENT_SECRET_FILE": str(secret_file)}).client_secret == "secret-from-file"
+    # A dry run and a read-only command need no secret, so they do not read the file.
+    missing = str(tmp_path / "absent")
+    assert mp.load_config({**base, "CLAZAR_CLIENT_SECRET_FILE": missing}, dry_run=True).client_secret == ""
+    assert mp.load_config({**base, "CLAZAR_CLIENT_SECRET_FILE": missing}, sends=False).client_secret == ""
+
+
+@pytest.mark.parametrize("content, problem", [
+    (None, "cannot read"), ("", "holds nothing"), ("  \n", "holds nothing"), ("first-secret-line\nsecond\n", "several lines"),
+    (b"\xff\xfe", "not UTF-8"),
+])
+def test_a_bad_client_secret_file_is_a_configuration_error_naming_the_file(tmp_path, content, problem):
+    secret_file = tmp_path / "clazar_client_secret"
+    if isinstance(content, bytes):
+        secret_file.write_bytes(content)
+    elif content is not None:
+        secret_file.write_text(content)
+    base = {name: value for name, value in BASE.items() if name != "CLAZAR_CLIENT_SECRET"}
+    with pytest.raises(mp.ConfigError) as error:
+        mp.load_config({**base, "CLAZAR_CLIENT_SECRET_FILE": str(secret_file)})
+    assert error.value.variable == "CLAZAR_CLIENT_SECRET_FILE"
+    assert problem in str(error.value) and str(secret_file) in str(error.value)
+    assert "secret-line" not in str(error.value)
+
+
+def test_the_client_secret_and_its_file_together_are_refused(tmp_path):
+    secret_file = tmp_path / "clazar_client_secret"
+    secret_file.write_text("secret-from-file")
+    with pytest.raises(mp.ConfigError) as error:
+        mp.load_config({**BASE, "CLAZAR_CLIENT_SECRET_FILE": str(secret_file)})
+    assert error.value.variable == "CLAZAR_CLIENT_SECRET_FILE" and "only one" in str(error.value)
+    assert "secret-value" not in str(error.value) and "secret-from-file" not in str(error.value)
+
+
 # --- hours ---------------------------------------------------------------------------------
 
 
