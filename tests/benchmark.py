@@ -4,6 +4,7 @@
     .venv/bin/python tests/benchmark.py --scale         # time at 1x, 4x and 16x the files
     .venv/bin/python tests/benchmark.py --memory        # peak RSS at 1, 2 and 4 h x 5,000 files
     .venv/bin/python tests/benchmark.py --tune          # exporter time against its pool sizes
+    .venv/bin/python tests/benchmark.py --waiting       # status and retry-failed with 1,000,000 rejected records
 
 It starts SeaweedFS behind a proxy that adds a fixed delay to each S3 request, and
 the Clazar stand-in with a fixed delay per call; writes H hours x F files x R records
@@ -217,6 +218,8 @@ def main_benchmark(arguments) -> None:
               f"{arguments.clazar_delay * 1000:.0f} ms per call, median of {arguments.repeat}")
         if arguments.memory:
             return memory(bench, arguments)
+        if arguments.waiting:
+            return waiting(bench, arguments)
         if arguments.scale:
             return scale(bench, arguments)
         if arguments.tune:
@@ -277,6 +280,30 @@ def memory(bench, arguments) -> None:
         print(f"| {hours} x 5000 | {hours * 5000 * arguments.records} | {ahead} | {seconds:.2f} | {rss:.0f} |", flush=True)
 
 
+def waiting(bench, arguments) -> None:
+    """Peak RSS and time of status and retry-failed --dry-run with 10,000, 100,000 and
+    1,000,000 rejected records waiting (1,000 contracts, one record each per hour)."""
+    from conftest import fabricate_rejected
+    from export_data import current_hour
+
+    print("\n| records waiting | state (bytes) | ledger (MB) | status (s) | status peak RSS (MB) "
+          "| retry-failed --dry-run (s) | its peak RSS (MB) |\n|---|---|---|---|---|---|---|")
+    for hours in (10, 100, 1000):
+        folder = bench.folder / f"waiting-{hours}"
+        state = folder / "metering_state.json"
+        folder.mkdir()
+        count = fabricate_rejected(state, ":".join(SERVICE), [current_hour() - timedelta(hours=h + 1) for h in range(hours)],
+                                   [f"c-{i:05d}" for i in range(1000)])
+        env = {**bench.env, "S3_BUCKET_NAME": "unused", "STATE_FILE_PATH": str(state)}
+        command = [sys.executable, str(TESTS.parent / "metering_processor.py")]
+        status_seconds, status_rss, _, _ = timed([*command, "status"], env)
+        dry_seconds, dry_rss, _, output = timed([*command, "retry-failed", "--dry-run"], {**env, "LOG_LEVEL": "INFO"})
+        assert output.count("Dry run record:") == count
+        ledger = sum(path.stat().st_size for path in (folder / "metering_ledger").rglob("*.jsonl"))
+        print(f"| {count:,} | {state.stat().st_size:,} | {ledger / 2**20:.0f} | {status_seconds:.2f} | {status_rss:.0f} "
+              f"| {dry_seconds:.2f} | {dry_rss:.0f} |", flush=True)
+
+
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] in ("read-sequential", "read-floor"):
         mode, bucket, prefixes, workers = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
@@ -294,6 +321,7 @@ def main() -> None:
     parser.add_argument("--scale", action="store_true", help="exporter time at 1x, 4x and 16x the files")
     parser.add_argument("--memory", action="store_true", help="peak RSS at 1, 2 and 4 hours of 5,000 files")
     parser.add_argument("--tune", action="store_true", help="exporter time against its pool sizes")
+    parser.add_argument("--waiting", action="store_true", help="status and retry-failed with up to 1,000,000 waiting records")
     main_benchmark(parser.parse_args())
 
 

@@ -220,6 +220,25 @@ class Harness:
                 if line["outcome"] == outcome]
 
 
+def fabricate_rejected(state_path: Path, service_key: str, hours, contracts, dimension: str = "replica_hours") -> int:
+    """Records Clazar rejected, waiting as runs leave them: each hour's ledger file written
+    by the exporter's own Ledger, and the state's count per hour. Returns how many."""
+    import metering_processor as mp
+
+    ledger = mp.Ledger(mp.LocalLedgerStorage(str(state_path.parent / "metering_ledger")))
+    book = mp.StateBook(mp.LocalStateStore(str(state_path)))
+    state, count = book.service(service_key), 0
+    for hour in hours:
+        quantities = {(contract, dimension): 3 for contract in contracts}
+        pending = mp.PendingHour(hour, tuple(mp.metering_records(hour, "aws", quantities)), {})
+        results = {key: mp.RecordResult(mp.REJECTED, None, {"status": "fail"}) for key in quantities}
+        ledger.record_hour(service_key, pending, results, {}, hour)
+        state = state.with_waiting(hour, {mp.REJECTED: len(quantities)})
+        count += len(quantities)
+    book.save(service_key, state)
+    return count
+
+
 @pytest.fixture
 def harness(s3, seaweed, bucket, clazar, tmp_path) -> Harness:
     return Harness(s3, seaweed, bucket, clazar, tmp_path)

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import SERVICE, cpu
+from conftest import SERVICE, cpu, fabricate_rejected
+from datetime import timedelta
+
 from export_data import GIB, iso, record, service_key
 
 KEY = service_key(SERVICE)
@@ -223,6 +225,22 @@ def test_rejected_records_kept_in_the_state_by_an_earlier_version_move_to_the_le
     assert result.returncode == 0, result.output
     assert "rejected" not in harness.entry() and harness.waiting() == []
     assert harness.clazar.accepted_quantities()[("c-9", "replica_hours", iso(hours[0]))] == 4
+
+
+def test_a_hundred_thousand_waiting_records_keep_the_state_small_and_the_commands_work(harness, hours):
+    rejected_hours = [hours[0] - timedelta(hours=i) for i in range(100)]
+    count = fabricate_rejected(harness.state_path, KEY, rejected_hours, [f"c-{i:05d}" for i in range(1000)])
+    assert count == 100_000
+    assert harness.state_path.stat().st_size < 20_000, "the state counts them per hour; the ledger holds them"
+    env = {"START_HOUR": iso(hours[0])}
+    assert json.loads(harness.run("status", "--json", env=env).output)[0]["rejected_waiting"] == 100_000
+    dry = harness.run("retry-failed", "--dry-run", env=env, timeout=600)
+    assert dry.returncode == 0 and dry.output.count("Dry run record:") == 100_000
+    one_hour = harness.run("retry-failed", "--hour", iso(rejected_hours[7]), env=env, timeout=600)
+    assert one_hour.returncode == 0, one_hour.output[-2000:]
+    assert len(harness.clazar.accepted_quantities()) == 1000
+    assert json.loads(harness.run("status", "--json", env=env).output)[0]["rejected_waiting"] == 99_000
+    assert iso(rejected_hours[7]) not in harness.entry()["waiting"]
 
 
 # --- the per-record quantity limit -------------------------------------------------------------
