@@ -537,14 +537,16 @@ def test_a_state_file_from_the_original_script_carries_over(harness, hours):
 
 
 @pytest.mark.parametrize("fault", [
-    {"FAULT_KILL_BEFORE_STATE_WRITE": "1"},   # before the pending hour is recorded
-    {"FAULT_KILL_AFTER_STATE_WRITE": "1"},    # pending recorded, nothing sent
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "1"},   # before the service's first hour is pinned
+    {"FAULT_KILL_AFTER_STATE_WRITE": "1"},    # pinned, nothing read
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "2"},   # before the pending hour is recorded
+    {"FAULT_KILL_AFTER_STATE_WRITE": "2"},    # pending recorded, nothing sent
     {"FAULT_KILL_AFTER_BATCH": "1"},          # first batch landed, answer unread
     {"FAULT_KILL_AFTER_BATCH": "2"},
     {"FAULT_KILL_AFTER_BATCH": "3"},          # every batch landed
-    {"FAULT_KILL_BEFORE_STATE_WRITE": "2"},   # before the commit
-    {"FAULT_KILL_AFTER_STATE_WRITE": "2"},    # right after the commit
-    {"FAULT_KILL_AFTER_STATE_WRITE": "3"},    # second hour pending
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "3"},   # before the commit
+    {"FAULT_KILL_AFTER_STATE_WRITE": "3"},    # right after the commit
+    {"FAULT_KILL_AFTER_STATE_WRITE": "4"},    # second hour pending
 ], ids=lambda fault: "-".join(next(iter(fault.items()))).lower())
 def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(backend_harness, hours, fault):
     harness = backend_harness
