@@ -16,13 +16,16 @@ correction, so the run is built around three rules:
   request, and a crashed hour is resent from the state, never recomputed.
 
 Exit codes: 0 done, 1 an hour failed or a record was rejected, 2 configuration
-error, 3 another run holds the lock, 4 the state could not be read or written.
+error, 3 another run holds the lock, 4 the state could not be read or written,
+5 stopped by SIGTERM or SIGINT (nothing partial committed; an hour whose records
+were recorded as pending stays pending and the next run completes it).
 """
 
 from __future__ import annotations
 
 import argparse
 import ast
+import base64
 import concurrent.futures
 import contextlib
 import contextvars
@@ -40,6 +43,7 @@ import os
 import random
 import re
 import shutil
+import signal
 import socket
 import stat
 import sys
@@ -52,6 +56,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Callable
+from urllib.parse import urlsplit
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 __version__ = "1.0.0"
@@ -61,6 +66,7 @@ EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_LOCKED = 3
 EXIT_STATE = 4
+EXIT_STOPPED = 5
 
 log = logging.getLogger("metering")
 
@@ -162,6 +168,73 @@ def parse_json(body: bytes | str, **hooks: Callable[[str], Any]) -> Any:
     raise ValueError(f"is nested more than {MAX_JSON_DEPTH} levels deep")
 
 
+class RunStopped(BaseException):
+    """SIGTERM or SIGINT asked the run to stop, and it stopped at a safe point.
+
+    A BaseException, like KeyboardInterrupt, so that no handler meant for a bad
+    file, a failed hour or an unreachable store takes it for one of those.
+    """
+
+    exit_code = EXIT_STOPPED
+
+
+class StopRequest:
+    """SIGTERM and SIGINT turned into a flag the run looks at where stopping is safe:
+    between services and hours, before an hour's records are recorded as pending,
+    before each batch is sent, between files read, before a retry.
+
+    Handlers are installed explicitly because Python's defaults do not fit: SIGINT
+    raises KeyboardInterrupt wherever the run happens to be, and SIGTERM has no
+    handler at all, so as PID 1 in a container (where the kernel drops signals
+    without one) it is ignored until SIGKILL.
+    """
+
+    POLL_SECONDS = 0.2
+    # How long a stop waits for answers to batches already in flight: an hour
+    # whose every batch is answered is committed whole instead of resent.
+    GRACE_SECONDS = 5.0
+
+    def __init__(self) -> None:
+        self._event = threading.Event()
+        self.reason = ""
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT from now on (only the main thread can)."""
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for number in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(number, self._receive)
+
+    def _receive(self, number: int, frame: Any) -> None:
+        # Only set the flag: a handler runs between two bytecodes of the main thread,
+        # possibly inside a state write or a log call.
+        self.request(signal.Signals(number).name)
+
+    def request(self, reason: str) -> None:
+        if not self._event.is_set():
+            self.reason = reason
+        self._event.set()
+
+    def is_set(self) -> bool:
+        return self._event.is_set()
+
+    def check(self, where: str) -> None:
+        """Raise RunStopped, saying ``where`` the run stopped, once a stop was asked for."""
+        if self._event.is_set():
+            raise RunStopped(f"{self.reason} received: stopped {where}")
+
+    def result(self, future: concurrent.futures.Future, where: str) -> Any:
+        """``future.result()``, or RunStopped as soon as a stop is asked for."""
+        while True:
+            try:
+                return future.result(timeout=self.POLL_SECONDS)
+            except concurrent.futures.TimeoutError:
+                self.check(where)
+
+
+STOP = StopRequest()
+
+
 # ---------------------------------------------------------------------------
 # 1. Configuration: read and validate the environment once.
 # ---------------------------------------------------------------------------
@@ -225,6 +298,7 @@ SETTINGS = (
     ("MAX_EXPORT_FILE_BYTES", "67108864 (64 MiB)", "an export file larger than this fails its hour"),
     ("START_HOUR", "current hour - 24 h", "first hour ever sent; no earlier hour is sent"),
     ("EXPORT_MARKER_LAG_MINUTES", "0", "extra wait after the marker declares an hour final"),
+    ("EXPORT_STALE_HOURS", "3", "status warns when the marker's data is older than this"),
     ("LATENESS_WINDOW_HOURS", "aws 6, azure 24, gcp 1", "warn when an hour is sent later than this after it ended"),
     ("LEDGER_PATH", "metering_ledger/ beside the state", "audit ledger: a folder or s3://bucket/prefix"),
     ("LEDGER_RETENTION_DAYS", "400", "days of ledger kept"),
@@ -235,6 +309,8 @@ SETTINGS = (
     ("LOG_LEVEL", "INFO", "DEBUG, INFO, WARNING or ERROR"),
     ("LOG_FORMAT", "text", "text, or json: one object per line"),
     ("METRICS_FILE", "(unset)", "Prometheus textfile written at the end of each run"),
+    ("METRICS_PUSHGATEWAY_URL", "(unset)", "Pushgateway the same metrics are pushed to at the end of each run"),
+    ("METRICS_PUSHGATEWAY_INSTANCE", "(unset)", "instance label of the push's grouping key"),
     ("OMNISTRATE_DIMENSIONS", ",".join(OMNISTRATE_DIMENSIONS), "names formulas may use"),
     ("DIMENSION<n>_NAME", "(unset)", "billing dimension n sent to Clazar"),
     ("DIMENSION<n>_FORMULA", "(unset)", "its formula over Omnistrate dimensions"),
@@ -295,6 +371,9 @@ class Config:
     metrics_file: str | None
     source_dimensions: tuple[str, ...]
     formulas: tuple[Formula, ...]
+    export_stale_hours: int
+    pushgateway_url: str | None
+    pushgateway_instance: str | None
 
 
 class _Environment:
@@ -395,13 +474,14 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _check_url(variable: str, url: str, carries_credentials: bool) -> Any:
-    """Check a Clazar URL with urllib3's parser, the one requests connects by, and return its parts.
+def _check_url(variable: str, url: str, carries_credentials: bool, allow_userinfo: bool = False) -> Any:
+    """Check a URL with urllib3's parser, the one requests connects by, and return its parts.
 
     Raises ConfigError naming ``variable`` for anything but an http(s) URL with a
-    host: a backslash, a user name or password (userinfo), whitespace or control
-    characters, a port outside 1-65535, or plain http:// to a host that is not
-    loopback when credentials travel. Parsers disagree on such URLs (urlsplit
+    host: a backslash, a user name or password (userinfo) unless ``allow_userinfo``,
+    whitespace or control characters, a port outside 1-65535, or plain http:// to a
+    host that is not loopback when credentials travel (userinfo is credentials
+    too). Parsers disagree on such URLs (urlsplit
     reads ``http://a:1\\@127.0.0.1/`` as loopback, urllib3 connects to ``a``), so
     they are refused rather than interpreted.
     """
@@ -417,8 +497,10 @@ def _check_url(variable: str, url: str, carries_credentials: bool) -> Any:
     except LocationParseError:
         raise ConfigError(variable, f"is not a URL urllib3 can parse (is the port from 1 to 65535?): {shown_text(url)}") from None
     if parts.auth is not None or "@" in (parts.netloc or ""):
-        # Never echo it: userinfo is where a password would be.
-        raise ConfigError(variable, "must not carry a user name or password (user@ or user:password@ before the host)")
+        if not allow_userinfo:
+            # Never echo it: userinfo is where a password would be.
+            raise ConfigError(variable, "must not carry a user name or password (user@ or user:password@ before the host)")
+        carries_credentials = True
     if parts.scheme not in ("https", "http") or not parts.host:
         raise ConfigError(variable, f"must be an http(s) URL with a host, got {shown_text(url)}")
     if parts.port is not None and not 1 <= parts.port <= 65535:
@@ -588,7 +670,20 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
         metrics_file=env.text("METRICS_FILE"),
         source_dimensions=source_dimensions,
         formulas=load_formulas(environ, source_dimensions),
+        export_stale_hours=env.integer("EXPORT_STALE_HOURS", 3, 1, 24 * 400),
+        pushgateway_url=_pushgateway_url(env.text("METRICS_PUSHGATEWAY_URL")),
+        pushgateway_instance=env.text("METRICS_PUSHGATEWAY_INSTANCE"),
     )
+
+
+def _pushgateway_url(url: str | None) -> str | None:
+    """METRICS_PUSHGATEWAY_URL without its trailing slash. Raises ConfigError if it is
+    not an http(s) URL with a host (see _check_url). Plain http is allowed, as metrics
+    carry no secret, unless the URL carries a user and password for basic auth."""
+    if url is None:
+        return None
+    _check_url("METRICS_PUSHGATEWAY_URL", url, carries_credentials=False, allow_userinfo=True)
+    return url.rstrip("/")
 
 
 # ---------------------------------------------------------------------------
@@ -805,7 +900,8 @@ class ExportSource:
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="s3-read")
 
     def close(self) -> None:
-        self._pool.shutdown(wait=True, cancel_futures=True)
+        # After a stop, reads still in flight are left to end with the process.
+        self._pool.shutdown(wait=not STOP.is_set(), cancel_futures=True)
 
     def read_marker(self) -> ExportMarker | None:
         """The completion marker, or None if the bucket has none.
@@ -878,12 +974,14 @@ class ExportSource:
 
         At most twice the pool size of reads are queued, in flight or waiting to be
         taken, so memory stays bounded however many files an hour holds. The first
-        failure is raised and the reads still queued are cancelled.
+        failure is raised and the reads still queued are cancelled. Raises
+        RunStopped between two files once a stop is asked for.
         """
         window = 2 * self.workers
         pending: set[concurrent.futures.Future] = set()
         try:
             for key in keys:
+                STOP.check("while reading the export")
                 pending.add(self._pool.submit(lambda k=key: (k, self.read(k))))
                 if len(pending) >= window:
                     done, pending = concurrent.futures.wait(pending, return_when=concurrent.futures.FIRST_COMPLETED)
@@ -1591,6 +1689,13 @@ def _retry_policy(config: Config) -> Any:
             backoff = super().get_backoff_time()
             return backoff + random.uniform(0, config.backoff_seconds) if backoff else 0.0
 
+        # urllib3 sleeps before every retry: a stop asked for before or during
+        # that wait sends the batch no more.
+        def sleep(self, response: Any = None) -> None:
+            STOP.check("before retrying a batch")
+            super().sleep(response)
+            STOP.check("before retrying a batch")
+
     return CappedRetry(
         total=config.max_retries,
         connect=config.max_retries,
@@ -1688,16 +1793,29 @@ class ClazarClient:
 
         Every batch is tried even when another fails; then the first failure is
         raised (the hour stays pending and is resent whole, which is safe).
+
+        Once a stop is asked for no further batch is sent; those in flight get
+        StopRequest.GRACE_SECONDS to be answered. If every batch was answered the
+        results are returned as usual, else RunStopped is raised: the hour stays
+        pending, and what landed comes back "already exists" when it is resent.
         """
+        STOP.check("before sending")
         futures = [self._senders.submit(self.submit, batch) for batch in batches(records, self.config.batch_size)]
-        concurrent.futures.wait(futures)
+        while concurrent.futures.wait(futures, timeout=STOP.POLL_SECONDS).not_done:
+            if STOP.is_set():
+                for future in futures:
+                    future.cancel()
+                concurrent.futures.wait(futures, timeout=STOP.GRACE_SECONDS)
+                if not all(future.done() and not future.cancelled() for future in futures):
+                    STOP.check("while sending; the batches sent so far are resent by the next run")
         for future in futures:
             if future.exception() is not None:
                 raise future.exception()
         return [result for future in futures for result in future.result()]
 
     def close(self) -> None:
-        self._senders.shutdown(wait=True)
+        # After a stop, a request still in flight is left to end with the process.
+        self._senders.shutdown(wait=not STOP.is_set(), cancel_futures=True)
         self.session.close()
 
     def submit(self, records: Sequence[Mapping[str, str]]) -> list[RecordResult]:
@@ -1707,6 +1825,7 @@ class ClazarClient:
         if the batch's fate is unknown (no answer after retries, a non-200 status, a
         response without a usable results list); resending it later is safe.
         """
+        STOP.check("before sending a batch")
         token = self.token()
         response = self._post(self.config.api_url, {"request": list(records)}, token)
         retried = _was_retried(response)
@@ -2252,11 +2371,15 @@ class LocalStateStore:
     """
 
     def __init__(self, path: str):
-        # A symbolic link is resolved once, here: the state is then written beside
-        # its target and replaces the target (the link stays), and every run, by the
-        # link or by the target's own path, takes the same lock, <target>.lock.
+        # Absolute in every message: a relative STATE_FILE_PATH depends on the folder
+        # the run was started from, which is what an operator needs to see. A symbolic
+        # link is resolved once, here: the state is then written beside its target and
+        # replaces the target (the link stays), and every run, by the link or by the
+        # target's own path, takes the same lock, <target>.lock.
         self.path = os.path.realpath(path)
-        self.display = path if self.path == os.path.abspath(path) else f"{path} (-> {self.path})"
+        absolute = os.path.abspath(path)
+        self.display = absolute if self.path == absolute else f"{absolute} (-> {self.path})"
+        self.lock_display = self.path + ".lock"
         self._lock_handle: Any = None
 
     def acquire(self) -> None:
@@ -2265,7 +2388,7 @@ class LocalStateStore:
         Raises StateError if the lock file cannot be opened, or is a symbolic link or
         not a regular file: opening it through a link would truncate the link's target.
         """
-        lock_path = self.path + ".lock"
+        lock_path = self.lock_display
         try:
             descriptor = os.open(lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         except OSError as error:
@@ -2339,6 +2462,7 @@ class S3StateStore:
         self.lease_seconds = lease_seconds
         self.clock = clock
         self.display = f"s3://{bucket}/{key}"
+        self.lock_display = f"s3://{bucket}/{self.lock_key}"
         self.owner = uuid.uuid4().hex
         self.etag: str | None = None
         self._lease_etag: str | None = None
@@ -2488,7 +2612,7 @@ NOT_SENT = "not sent: zero quantity"
 class LocalLedgerStorage:
     def __init__(self, root: str):
         self.root = root
-        self.display = root
+        self.display = os.path.abspath(root)
 
     def read(self, name: str) -> bytes | None:
         try:
@@ -2973,14 +3097,21 @@ class ServiceReport:
     failure: str | None = None
     last_processed_hour: datetime | None = None
     behind: int | None = None
+    # When the marker says this service's data is final up to (before any lag).
+    export_final_before: datetime | None = None
+    # The oldest hour sent past the marketplace's lateness window, and how late.
+    oldest_late_hour: tuple[datetime, timedelta] | None = None
+    # Per hour read: (hour, records without payer or dimension, their subscriptions).
+    unattributed: list[tuple[datetime, int, frozenset[str]]] = field(default_factory=list)
+    stopped: str | None = None
 
     @property
     def ok(self) -> bool:
-        return self.failure is None and self.rejected == 0 and self.conflicts == 0
+        return self.failure is None and self.rejected == 0 and self.conflicts == 0 and self.stopped is None
 
     @property
     def result(self) -> str:
-        return ("failed" if self.failure else "rejected records" if self.rejected else
+        return ("failed" if self.failure else "stopped" if self.stopped else "rejected records" if self.rejected else
                 "conflicting records" if self.conflicts else "ok")
 
     def to_json(self, at: datetime) -> dict[str, Any]:
@@ -3005,12 +3136,14 @@ class Exporter:
         self.ledger = ledger
         self.clock = clock
         self.with_prices = any(PRICE_SUFFIX in formula.text for formula in config.formulas)
+        self.reports: list[ServiceReport] = []
 
     def run(self) -> list[ServiceReport]:
         """Export every service; one service failing does not stop the others.
 
         Raises StateError (the run must stop: nothing may be sent that cannot be
-        recorded) and LockHeld; every other failure is reported per service.
+        recorded), LockHeld and RunStopped; every other failure is reported per
+        service. ``self.reports`` holds the services begun so far, also after a raise.
         """
         marker: ExportMarker | None = None
         marker_error: MarkerError | None = None
@@ -3021,9 +3154,11 @@ class Exporter:
                             self.config.bucket, MARKER_KEY)
         except MarkerError as error:
             marker_error = error
-        reports = []
+        self.reports = []
         for service in self.config.services:
+            STOP.check(f"before {service.label}")
             report = ServiceReport(service)
+            self.reports.append(report)
             with _working_on(_SERVICE_CONTEXT, service.key):
                 try:
                     self.export_service(service, report, marker, marker_error)
@@ -3032,6 +3167,10 @@ class Exporter:
                 except MeteringError as error:
                     report.failure = str(error)
                     log.error("%s: %s", service.label, error)
+                except RunStopped as stop:
+                    report.stopped = str(stop)
+                    self._summarise(report)
+                    raise
                 except Exception as error:
                     # A defect, not bad input: reported as this service's failure, and the
                     # other services still run. Whatever was sent is pending in the state.
@@ -3042,10 +3181,9 @@ class Exporter:
                 if not self.config.dry_run:
                     now = self.clock()
                     self.book.save(service.key, self.book.service(service.key).with_run(report.to_json(now), now, report.ok))
-            reports.append(report)
         if not self.config.dry_run:
             self._prune_ledger()
-        return reports
+        return self.reports
 
     def _prune_ledger(self) -> None:
         # Housekeeping after every hour is committed: failing it loses nothing, so
@@ -3082,6 +3220,7 @@ class Exporter:
                 "one, remove hours_by_marker from this service's state entry)")
         now = self.clock()
         final_before = marker.final_before(service.key, self.config.marker_lag) if marker else None
+        report.export_final_before = marker.final_before(service.key) if marker else None
         first = first_due_hour(state.last_processed_hour, self.config.start_hour, state.first_hour, now)
         state = self._pin(service, state, first, marker is not None)
         hours = due_hours(first, now, final_before, self.config.max_hours_per_run)
@@ -3101,7 +3240,11 @@ class Exporter:
         moving on with the clock), and that its hours are decided by the marker."""
         pinned = state
         if state.last_processed_hour is None and state.first_hour != first:
-            log.info("No previous processing found, starting from %s", display_hour(first))
+            # A WARNING naming the path: a relative STATE_FILE_PATH run from another folder
+            # starts over here, and must say where it looked.
+            log.warning("No previous processing found, starting from %s (%s): the state %s has no processed hour "
+                        "for %s", display_hour(first), "START_HOUR" if self.config.start_hour else
+                        "24 hours before the current hour; START_HOUR is unset", self.book.store.display, service.key)
             pinned = pinned.with_first_hour(first)
         elif state.last_processed_hour is not None and first > state.last_processed_hour + HOUR:
             log.warning("START_HOUR %s skips %d hour(s) after the last processed hour %s: they will never be sent",
@@ -3195,20 +3338,20 @@ class Exporter:
         """
         upcoming = iter(hours)
         limit = self.config.read_ahead_hours
-        with concurrent.futures.ThreadPoolExecutor(max(1, limit), thread_name_prefix="read-ahead") as ahead:
-            queued = [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
-            try:
-                while queued:
-                    usage = queued.pop(0).result()
-                    wanted = limit if usage.files < LARGE_HOUR_FILES else min(limit, 1)
-                    queued += [ahead.submit(self._read_hour, service, hour)
-                               for hour in itertools.islice(upcoming, max(0, wanted - len(queued)))]
-                    yield usage
-                    if not queued:  # nothing read ahead: read the next hour now
-                        queued += [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
-            finally:
-                for future in queued:
-                    future.cancel()
+        ahead = concurrent.futures.ThreadPoolExecutor(max(1, limit), thread_name_prefix="read-ahead")
+        queued = [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
+        try:
+            while queued:
+                usage = STOP.result(queued.pop(0), "while reading the export")
+                wanted = limit if usage.files < LARGE_HOUR_FILES else min(limit, 1)
+                queued += [ahead.submit(self._read_hour, service, hour)
+                           for hour in itertools.islice(upcoming, max(0, wanted - len(queued)))]
+                yield usage
+                if not queued:  # nothing read ahead: read the next hour now
+                    queued += [ahead.submit(self._read_hour, service, hour) for hour in itertools.islice(upcoming, 1)]
+        finally:
+            # After a stop, a read still in flight is left to end with the process.
+            ahead.shutdown(wait=not STOP.is_set(), cancel_futures=True)
 
     def _read_hour(self, service: ServiceKey, hour: datetime, listing: HourListing | None = None) -> HourUsage:
         usage = HourUsage(hour, prefix=hour_prefix(service, hour))
@@ -3240,10 +3383,8 @@ class Exporter:
             log.warning("Hour %s: %d record(s) have a fractional value; fractions are carried to later hours",
                         display_hour(hour), usage.fractional)
         if usage.unattributable:
-            subscriptions = sorted(usage.unattributed_subscriptions)
-            log.warning("Hour %s: %d record(s) from %d subscription(s) have no externalPayerId or dimension "
-                        "and are not sent: %s", display_hour(hour), usage.unattributable, len(subscriptions),
-                        ", ".join(name[:100] for name in subscriptions[:10]) + (" ..." if len(subscriptions) > 10 else ""))
+            # Warned about once per service and run, in _summarise.
+            report.unattributed.append((hour, usage.unattributable, frozenset(usage.unattributed_subscriptions)))
         check_record_quantities(records, self.config.max_record_quantity, hour)
         carried = {key: state.remainders[key] for key in quantities if state.remainders.get(key)}
         pending = PendingHour(hour, tuple(records), remainders, usage.unattributable, amounts, carried, usage.sources,
@@ -3254,14 +3395,16 @@ class Exporter:
                  replay: bool = False) -> ServiceState:
         """Send ``pending`` and commit it. The pending hour is saved before the first
         request so that a crash anywhere after it resends exactly these records."""
+        STOP.check(f"before hour {display_hour(pending.hour)}"
+                   + ("; it stays pending and the next run resends it" if replay else ""))
         records = list(pending.records)
         report.unattributable += pending.unattributable
         late_by = self.clock() - (pending.hour + HOUR)
         if records and late_by > self.config.lateness_window:
+            # Warned about once per service and run, in _summarise.
             report.late_hours += 1
-            log.warning("Hour %s ended %.1f hours ago, past the %s marketplace's %d-hour window: "
-                        "it may refuse to bill these %d records", display_hour(pending.hour),
-                        late_by / HOUR, self.config.cloud, self.config.lateness_window // HOUR, len(records))
+            if report.oldest_late_hour is None or pending.hour < report.oldest_late_hour[0]:
+                report.oldest_late_hour = (pending.hour, late_by)
         if self.config.dry_run:
             log.info("Dry run: would send %d records for hour %s", len(records), display_hour(pending.hour))
             for record in records:
@@ -3336,12 +3479,51 @@ class Exporter:
             line += f"; {report.late_hours} hour(s) sent past the marketplace's window"
         if report.late_usage:
             line += f"; late usage found for {report.late_usage} contract-dimension-hour(s)"
+        for warning in service_warnings(report, self.config, self.clock()):
+            log.warning("%s: %s", report.service.label, warning)
         if report.failure:
             log.error("%s; FAILED: %s", line, report.failure)
+        elif report.stopped:
+            log.warning("%s; STOPPED: %s", line, report.stopped)
         elif report.rejected or report.conflicts:
             log.error(line)
         else:
             log.info(line)
+
+
+def service_warnings(report: ServiceReport, config: Config, now: datetime) -> list[str]:
+    """What one service's run warns about, each once however many hours it concerns. Pure."""
+    warnings = []
+    if report.unattributed:
+        subscriptions = sorted(set().union(*(found for _, _, found in report.unattributed)))
+        hours = [hour for hour, _, _ in report.unattributed]
+        warnings.append(
+            f"{sum(count for _, count, _ in report.unattributed)} record(s) from {len(subscriptions)} subscription(s) "
+            f"have no externalPayerId or dimension and are not sent, in {len(hours)} hour(s) from "
+            f"{display_hour(min(hours))} to {display_hour(max(hours))}: "
+            + ", ".join(subscriptions[:10]) + (" ..." if len(subscriptions) > 10 else ""))
+    if report.oldest_late_hour is not None:
+        hour, late_by = report.oldest_late_hour
+        warnings.append(
+            f"{report.late_hours} hour(s) sent past the {config.cloud} marketplace's "
+            f"{config.lateness_window // HOUR}-hour window, the oldest {display_hour(hour)}, which ended "
+            f"{late_by / HOUR:.1f} hours ago: the marketplace may refuse to bill them")
+    if report.export_final_before is not None and is_export_stale(report.export_final_before, now, config):
+        warnings.append(
+            f"the export is final only before {format_time(report.export_final_before)}, "
+            f"{export_age_hours(report.export_final_before, now):.1f} hours ago, more than EXPORT_STALE_HOURS="
+            f"{config.export_stale_hours}: Omnistrate's export may have stalled")
+    return warnings
+
+
+def export_age_hours(final_before: datetime, now: datetime) -> float:
+    """How many hours before ``now`` the export's final data ends (0 if not before)."""
+    return max(0.0, (now - final_before) / HOUR)
+
+
+def is_export_stale(final_before: datetime, now: datetime, config: Config) -> bool:
+    """True when the export marker lags ``now`` by more than EXPORT_STALE_HOURS."""
+    return now - final_before > config.export_stale_hours * HOUR
 
 
 RECORD_FIELDS = ("cloud", "contract_id", "dimension", "start_time", "end_time", "quantity")
@@ -3652,7 +3834,7 @@ def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarke
                    marker_error: MarkerError | None, config: Config, now: datetime) -> dict[str, Any]:
     """Where one service stands, from its state and the export marker. Pure."""
     first = first_due_hour(state.last_processed_hour, config.start_hour, state.first_hour, now)
-    behind, marker_note = None, "absent: closed hours are due"
+    behind, marker_note, export_age, stale = None, "absent: closed hours are due", None, None
     try:
         if marker_error is not None:
             raise marker_error
@@ -3662,6 +3844,8 @@ def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarke
         behind = hours_between(first, due_end(now, final_before))
         if marker is not None:
             marker_note = f"final before {format_time(final_before)}"
+            exported_to = marker.final_before(service.key)
+            export_age, stale = round(export_age_hours(exported_to, now), 1), is_export_stale(exported_to, now, config)
     except MarkerError as error:
         marker_note = f"error: {error}"
     return {
@@ -3669,6 +3853,8 @@ def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarke
         "last_processed_hour": format_time(state.last_processed_hour) if state.last_processed_hour else None,
         "hours_behind": behind,
         "marker": marker_note,
+        "export_age_hours": export_age,
+        "export_stale": stale,
         "pending_hour": format_time(state.pending.hour) if state.pending else None,
         "pending_records": len(state.pending.records) if state.pending else 0,
         "rejected_waiting": state.waiting_count(REJECTED),
@@ -3680,7 +3866,7 @@ def service_status(service: ServiceKey, state: ServiceState, marker: ExportMarke
     }
 
 
-def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
+def format_status(rows: Sequence[Mapping[str, Any]], stale_hours: int = 3) -> str:
     lines = []
     for row in rows:
         run = row["last_run"]
@@ -3692,7 +3878,8 @@ def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
             row["service"],
             f"  last processed hour:   {row['last_processed_hour'] or 'none'}",
             f"  hours behind marker:   {'unknown' if row['hours_behind'] is None else row['hours_behind']}",
-            f"  export marker:         {row['marker']}",
+            f"  export marker:         {row['marker']}"
+            + (f" ({row['export_age_hours']:.1f} hours ago)" if row["export_age_hours"] is not None else ""),
             f"  pending hour:          {pending}",
             f"  rejected records:      {row['rejected_waiting']} waiting"
             + (" (python3 metering_processor.py retry-failed)" if row["rejected_waiting"] else ""),
@@ -3701,6 +3888,9 @@ def format_status(rows: Sequence[Mapping[str, Any]]) -> str:
             f"  last run:              {last_run}",
             f"  last success:          {row['last_success_at'] or 'never'}",
         ]
+        if row["export_stale"]:
+            lines.append(f"  WARNING: the export is {row['export_age_hours']:.1f} hours behind, more than "
+                         f"EXPORT_STALE_HOURS={stale_hours}: Omnistrate's export may have stalled")
         if row["late_usage_found"]:
             late = row["last_late_usage"]
             lines.append(f"  late usage found:      {row['late_usage_found']}, the last for hour {late['hour']}, contract "
@@ -3728,7 +3918,7 @@ def render_metrics(services: Sequence[ServiceKey], reports: Mapping[str, Service
     lines = family("metering_run_timestamp_seconds", "When the last run started.", [("", started.timestamp())])
     lines += family("metering_run_duration_seconds", "How long the last run took.", [("", duration)])
     lines += family("metering_run_exit_status", "Exit code of the last run (0 ok, 1 failed hour or rejected "
-                    "record, 2 configuration, 4 state).", [("", exit_code)])
+                    "record, 2 configuration, 4 state, 5 stopped by a signal).", [("", exit_code)])
     lines += family("metering_service_up", "1 if the service's last run had no failed hour and no rejected record.",
                     [(labels, int(reports[key].ok)) for labels, key in per_service if key in reports])
     lines += family("metering_last_run_timestamp_seconds", "When the service was last run.",
@@ -3751,6 +3941,13 @@ def render_metrics(services: Sequence[ServiceKey], reports: Mapping[str, Service
     lines += family("metering_hours_behind", "Final hours not yet processed.",
                     [(labels, reports[key].behind) for labels, key in per_service
                      if key in reports and reports[key].behind is not None])
+    lines += family("metering_export_final_before_timestamp_seconds",
+                    "When the export marker says the service's data is final up to (last_processed_to + 1 s).",
+                    [(labels, reports[key].export_final_before.timestamp()) for labels, key in per_service
+                     if key in reports and reports[key].export_final_before is not None])
+    lines += family("metering_last_processed_hour_timestamp_seconds", "Start of the last hour processed, from the state.",
+                    [(labels, states[key].last_processed_hour.timestamp()) for labels, key in per_service
+                     if key in states and states[key].last_processed_hour is not None])
     lines += family("metering_rejected_records_waiting", "Rejected records kept for retry-failed.",
                     [(labels, states[key].waiting_count(REJECTED)) for labels, key in per_service if key in states])
     lines += family("metering_conflicting_records_waiting", "Records in conflict, waiting for an operator.",
@@ -3785,7 +3982,11 @@ def _help_epilog() -> str:
         "            DIMENSION3_FORMULA=(cpu_core_hours_total_price + memory_byte_hours_total_price) / 0.01",
         "",
         "exit codes: 0 done, 1 an hour failed or a record was rejected or in conflict, 2 configuration error,",
-        "            3 another run holds the lock, 4 the state could not be read or written",
+        "            3 another run holds the lock, 4 the state could not be read or written,",
+        "            5 stopped by SIGTERM or SIGINT (a pending hour stays pending for the next run)",
+        "",
+        "--dry-run may stand before or after the command (run, retry-failed, or none); with it, or",
+        "DRY_RUN=true, nothing is sent and nothing is written, whatever else is set.",
     ]
     return "\n".join(lines)
 
@@ -3798,17 +3999,20 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
         epilog=_help_epilog(),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--dry-run", action="store_true", default=None,
-                        help="read and aggregate due hours and print the records; send and save nothing")
+    dry_run_help = "read and aggregate due hours and print the records; send and save nothing"
+    parser.add_argument("--dry-run", action="store_true", default=None, help=dry_run_help)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="command")
-    commands.add_parser("run", help="export every due hour (the default)")
+    run = commands.add_parser("run", help="export every due hour (the default)")
+    # SUPPRESS: a sub-command's default would overwrite a --dry-run given before the
+    # command (argparse copies every sub-command value over the main parser's).
+    run.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help=dry_run_help)
     status = commands.add_parser("status", help="where each service stands; read-only, no lock, no Clazar call")
     status.add_argument("--json", action="store_true", help="print JSON for scripts")
     retry = commands.add_parser("retry-failed", help="resend the rejected records waiting in the ledger")
     retry.add_argument("--contract", help="only this contract")
     retry.add_argument("--hour", type=_hour_argument, help="only this hour, e.g. 2026-02-10T14:00:00Z")
-    retry.add_argument("--dry-run", action="store_true", default=None, help="show what would be resent")
+    retry.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS, help="show what would be resent")
     check = commands.add_parser("reconcile", help="re-read the export and compare it with the ledger; exit 1 on a difference")
     check.add_argument("--from", dest="first", type=_hour_argument, required=True, help="first hour, e.g. 2026-02-01T00:00:00Z")
     check.add_argument("--to", dest="last", type=_hour_argument, required=True, help="last hour (included)")
@@ -3898,14 +4102,30 @@ def show_status(config: Config, client: Any, store: LocalStateStore | S3StateSto
     # The state may hold text an older version stored unmasked, or a hand edit: masked again here.
     rows = [mask_value(service_status(service, book.service(service.key), marker, marker_error, config, now))
             for service in config.services]
-    print(json.dumps(rows, indent=2) if as_json else format_status(rows))
+    print(json.dumps(rows, indent=2) if as_json else f"State {store.display}\n" + format_status(rows, config.export_stale_hours))
     return EXIT_OK
 
 
+def announce_locations(store: LocalStateStore | S3StateStore, ledger: Ledger) -> None:
+    """Say where this run keeps its state, lock and ledger, as absolute paths or S3 URLs."""
+    log.info("State %s (lock %s); ledger %s", store.display, store.lock_display, ledger.storage.display)
+
+
+def log_run_error(error: MeteringError) -> None:
+    # A held lock is normal when runs overlap: the run holding it does the work.
+    (log.warning if isinstance(error, LockHeld) else log.error)("%s", error)
+
+
 def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -> int:
-    """The hourly run: lock, export every service, release, write the metrics."""
+    """The hourly run: lock, export every service, release, write the metrics.
+
+    A stop (RunStopped) ends it with EXIT_STOPPED after the lock is released, and
+    the metrics are still written and pushed.
+    """
     started, began = utc_now(), time.monotonic()
-    reports: list[ServiceReport] = []
+    ledger = open_ledger(config, client)
+    announce_locations(store, ledger)
+    exporter: Exporter | None = None
     book: StateBook | None = None
     try:
         if not config.dry_run:
@@ -3914,26 +4134,32 @@ def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -
         clazar = None if config.dry_run else ClazarClient(config)
         try:
             book = StateBook(store)
-            reports = Exporter(config, source, clazar, book, open_ledger(config, client)).run()
+            exporter = Exporter(config, source, clazar, book, ledger)
+            exporter.run()
         finally:
             source.close()
             if clazar is not None:
                 clazar.close()
             store.release()
-        code = EXIT_OK if all(report.ok for report in reports) else EXIT_FAILED
+        code = EXIT_OK if all(report.ok for report in exporter.reports) else EXIT_FAILED
     except (StateError, LockHeld) as error:
-        log.error("%s", error)
+        log_run_error(error)
         code = error.exit_code
+    except RunStopped as stop:
+        log.warning("%s; the lock is released, no hour was committed in part, and the next run goes on from here",
+                    stop)
+        code = EXIT_STOPPED
     except Exception as error:
         code = EXIT_FAILED
         _report_defect(error)
     # A run that found the lock held writes nothing: the run holding it will.
-    if config.metrics_file and not config.dry_run and code != EXIT_LOCKED:
+    if not config.dry_run and code != EXIT_LOCKED:
         states = {}
         if book is not None:
             with contextlib.suppress(StateError):  # already reported; the metrics still go out
                 states = {service.key: book.service(service.key) for service in config.services}
-        write_metrics(config.metrics_file, render_metrics(
+        reports = exporter.reports if exporter is not None else []
+        publish_metrics(config.metrics_file, config.pushgateway_url, config.pushgateway_instance, render_metrics(
             config.services, {report.service.key: report for report in reports}, states, code, started,
             time.monotonic() - began))
     return code
@@ -3946,6 +4172,17 @@ def _report_defect(error: Exception) -> None:
     log.debug("Where it happened", exc_info=error)
 
 
+PUSHGATEWAY_JOB = "metering_exporter"
+
+
+def publish_metrics(metrics_file: str | None, pushgateway_url: str | None, instance: str | None, text: str) -> None:
+    """Write the metrics to METRICS_FILE and push them to METRICS_PUSHGATEWAY_URL, each where set."""
+    if metrics_file:
+        write_metrics(metrics_file, text)
+    if pushgateway_url:
+        push_metrics(pushgateway_url, instance, text)
+
+
 def write_metrics(path: str, text: str) -> None:
     try:
         write_file_atomically(path, [text.encode("utf-8")], mode=0o644)
@@ -3953,51 +4190,120 @@ def write_metrics(path: str, text: str) -> None:
         log.error("Cannot write METRICS_FILE %s: %s", path, error.strerror or error)
 
 
+def pushgateway_target(url: str, instance: str | None) -> str:
+    """Where one run's metrics are PUT: ``<url>/metrics/job/metering_exporter``, and
+    ``/instance/<instance>`` when an instance is set. A value with any character
+    but letters, digits and ``._~-`` goes base64url-encoded (``instance@base64``),
+    the Pushgateway's way of carrying '/' and anything else safely. Pure."""
+    target = f"{url.rstrip('/')}/metrics/job/{PUSHGATEWAY_JOB}"
+    if instance:
+        if re.fullmatch(r"[A-Za-z0-9._~-]+", instance):
+            target += "/instance/" + instance
+        else:
+            target += "/instance@base64/" + base64.urlsafe_b64encode(instance.encode("utf-8")).decode("ascii")
+    return target
+
+
+def push_metrics(url: str, instance: str | None, text: str) -> None:
+    """PUT ``text`` to the Pushgateway, replacing what this job and instance pushed last.
+
+    TLS is verified (a private CA goes in REQUESTS_CA_BUNDLE). A failure is a
+    warning and never changes the exit code: the metrics must not fail a run that
+    billed correctly, and the next run pushes again.
+    """
+    import requests
+
+    target = pushgateway_target(url, instance)
+    parts = urlsplit(target)
+    shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # never a password in the log
+    try:
+        # Shorter after a stop, which must end within seconds.
+        timeout = (1.0, 2.0) if STOP.is_set() else (3.0, 5.0)
+        response = requests.put(target, data=text.encode("utf-8"), timeout=timeout, allow_redirects=False,
+                                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+    except requests.RequestException as error:
+        log.warning("Could not push the metrics to %s: %s: %s", shown, type(error).__name__, error)
+        return
+    if not 200 <= response.status_code < 300:
+        log.warning("Could not push the metrics to %s: HTTP %d: %s", shown, response.status_code,
+                    response.text[:200].replace("\n", " "))
+        return
+    log.debug("Pushed the metrics to %s", shown)
+
+
 def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = None) -> int:
-    arguments = parse_arguments(argv)
-    environ = os.environ if environ is None else environ
+    """Run one command and return its exit code.
+
+    SIGTERM and SIGINT are handled from the start (see StopRequest): the run stops
+    at the next safe point and ends with EXIT_STOPPED.
+    """
+    STOP.install()
+    try:
+        code = run_command(parse_arguments(argv), os.environ if environ is None else environ)
+    except RunStopped as stop:
+        log.warning("%s", stop)
+        code = EXIT_STOPPED
+    if STOP.is_set():
+        # Everything worth keeping is written and the lock released. A request or
+        # read left in flight must not hold up the exit, as the interpreter would
+        # by joining its worker thread.
+        logging.shutdown()
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        os._exit(code)
+    return code
+
+
+def run_command(arguments: argparse.Namespace, environ: Mapping[str, str]) -> int:
     command = arguments.command or "run"
     try:
         config = load_config(environ, dry_run=arguments.dry_run, sends=command in ("run", "retry-failed"))
     except ConfigError as error:
         print(f"metering_processor: configuration error: {error}", file=sys.stderr)
-        metrics_file = environ.get("METRICS_FILE", "").strip()
-        if command == "run" and metrics_file:
-            write_metrics(metrics_file, render_metrics((), {}, {}, EXIT_CONFIG, utc_now(), 0.0))
+        push_url = environ.get("METRICS_PUSHGATEWAY_URL", "").strip()
+        if command == "run":
+            publish_metrics(environ.get("METRICS_FILE", "").strip() or None,
+                            push_url if push_url.startswith(("https://", "http://")) else None,
+                            environ.get("METRICS_PUSHGATEWAY_INSTANCE", "").strip() or None,
+                            render_metrics((), {}, {}, EXIT_CONFIG, utc_now(), 0.0))
         return EXIT_CONFIG
     # Reports go to stdout, so the log of a reporting command goes to stderr.
     configure_logging(config.log_level, config.log_format, sys.stdout if command in ("run", "retry-failed") else sys.stderr)
     redact(config.client_secret)
+    redact(urlsplit(config.pushgateway_url).password if config.pushgateway_url else None)
     try:
         return _run_command(command, config, arguments)
     except Exception as error:  # whatever happens, the user gets one line, never a traceback
         _report_defect(error)
-        if command == "run" and config.metrics_file and not config.dry_run:
-            write_metrics(config.metrics_file, render_metrics(config.services, {}, {}, EXIT_FAILED, utc_now(), 0.0))
+        if command == "run" and not config.dry_run:
+            publish_metrics(config.metrics_file, config.pushgateway_url, config.pushgateway_instance,
+                            render_metrics(config.services, {}, {}, EXIT_FAILED, utc_now(), 0.0))
         return EXIT_FAILED
 
 
 def _run_command(command: str, config: Config, arguments: argparse.Namespace) -> int:
     """Run one command with a valid configuration; returns its exit code. Expected
-    failures are MeteringErrors, logged here; anything else propagates to main."""
+    failures are MeteringErrors, logged here; anything else propagates to run_command."""
     client = s3_client(config.read_concurrency)
     store = open_state_store(config, client)
     if command == "status":
         return show_status(config, client, store, arguments.json)
     if command == "retry-failed":
+        ledger = open_ledger(config, client)
+        announce_locations(store, ledger)
         try:
             if not config.dry_run:
                 store.acquire()
             clazar = None if config.dry_run else ClazarClient(config)
             try:
-                return retry_failed(config, StateBook(store), open_ledger(config, client), clazar,
-                                    arguments.contract, arguments.hour)
+                return retry_failed(config, StateBook(store), ledger, clazar, arguments.contract, arguments.hour)
             finally:
                 if clazar is not None:
                     clazar.close()
                 store.release()
         except (StateError, LockHeld) as error:
-            log.error("%s", error)
+            log_run_error(error)
             return error.exit_code
     if command == "conflicts":
         return show_or_clear_conflicts(config, client, store, arguments)
@@ -4025,7 +4331,7 @@ def show_or_clear_conflicts(config: Config, client: Any, store: LocalStateStore 
         finally:
             store.release()
     except MeteringError as error:
-        log.error("%s", error)
+        log_run_error(error)
         return error.exit_code
 
 

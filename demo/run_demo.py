@@ -6,8 +6,9 @@ Starts SeaweedFS (an S3 server, from PyPI) and the Clazar stand-in on loopback,
 writes a day of realistic Omnistrate export data for two services and the
 completion marker, then runs metering_processor.py exactly as cron would (a
 config file exported with `set -a`, billing GiB-hours by formula), twice: the first run catches up the day,
-the second finds nothing to do. Prints both logs, `status`, and a table of what
-Clazar received, then shuts everything down.
+the second finds nothing to do. Prints both logs (the first with the routine
+lines of all but its first hour left out; the whole log is kept in the work
+folder), `status`, and a table of what Clazar received, then shuts everything down.
 """
 
 from __future__ import annotations
@@ -34,6 +35,25 @@ POSTGRES = ("Postgres", "PROD", "pt-HJSv20iWX0")
 VECTOR = ("Acme Vector DB", "PROD", "pt-Q7rT2bX9kL")
 SECRET = "demo-client-secret-0123456789"
 CRON_COMMAND = "set -a && . ./config.env && set +a && exec {python} {script}"
+# The exporter's routine INFO lines for each hour; after the first hour the digest leaves them out.
+HOUR_LINES = (" - INFO - Processing hour ", " - INFO - Found ", " - INFO - Aggregated ", " - INFO - Sending ",
+              " - INFO - Successfully sent ", " - INFO - Saved state to ")
+
+
+def digest(log: str, whole: Path) -> str:
+    """The log with every hour's routine lines but the first hour's left out, and a note of how many."""
+    kept, left_out, first_hour_seen, in_first_hour = [], 0, False, False
+    for line in log.splitlines():
+        if " - INFO - Processing hour " in line:
+            in_first_hour, first_hour_seen = not first_hour_seen, True
+        if any(marker in line for marker in HOUR_LINES) and not in_first_hour:
+            left_out += 1
+            continue
+        if left_out and " - INFO - Processing hour " not in line:
+            kept.append(f"    [... {left_out} lines like the above for the hours after; whole log: {whole}]")
+            left_out = 0
+        kept.append(line)
+    return "\n".join(kept) + "\n"
 
 
 def write_a_day(client, start) -> None:
@@ -74,7 +94,7 @@ def main() -> int:
         client.create_bucket(Bucket=BUCKET)
         start = current_hour() - timedelta(hours=24)
         write_a_day(client, start)
-        print(f"Wrote 24 hours of export data for 2 services to s3://{BUCKET}/omnistrate-metering/\n", flush=True)
+        print(f"Wrote 24 hours of export data for 2 services to s3://{BUCKET}/omnistrate-metering/", flush=True)
 
         work = folder / "exporter"
         work.mkdir()
@@ -86,6 +106,9 @@ def main() -> int:
             f"CLAZAR_CLIENT_SECRET={SECRET}",
             f"CLAZAR_API_URL={clazar.metering_url}",
             f"START_HOUR={start:%Y-%m-%dT%H:00:00Z}",
+            # The demo sends a whole day at once, as a first deployment catching up would. AWS takes
+            # usage up to 6 hours late, and the exporter would warn about the 18 older hours.
+            "LATENESS_WINDOW_HOURS=25",
             # The listing prices GiB-hours, not byte-hours: formulas convert, exactly, carrying fractions.
             "DIMENSION1_NAME=cpu_core_hours",
             "DIMENSION1_FORMULA=cpu_core_hours",
@@ -108,28 +131,33 @@ def main() -> int:
         environment = {"PATH": "/usr/bin:/bin", "HOME": str(work), "AWS_CONFIG_FILE": "/dev/null",
                        "AWS_SHARED_CREDENTIALS_FILE": "/dev/null", "AWS_EC2_METADATA_DISABLED": "true"}
         codes = []
-        for attempt in ("first run: catching up the day", "second run: nothing new is final yet"):
-            print(f"=== cron runs: cd {work} && {command}   ({attempt})", flush=True)
+        print(f"cron runs, in {work}: {command}\n")
+        for number, attempt in ((1, "first run: catching up the day"), (2, "second run: nothing new is final yet")):
+            print(f"=== {attempt}", flush=True)
             began = time.monotonic()
             run = subprocess.run(["/bin/sh", "-c", command], cwd=work, env=environment,
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-            print(run.stdout, end="")
+            (work / f"run-{number}.log").write_text(run.stdout)
+            print(digest(run.stdout, work / f"run-{number}.log"), end="")
             print(f"=== exit code {run.returncode} in {time.monotonic() - began:.1f} s\n", flush=True)
             codes.append(run.returncode)
 
         status = subprocess.run(["/bin/sh", "-c", command + " status"], cwd=work, env=environment,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        print("=== metering_processor.py status\n" + status.stdout)
+        print("=== metering_processor.py status\n" + status.stdout, end="")
 
-        totals: dict[tuple[str, str], list[int]] = defaultdict(list)
-        for (contract, dimension, _), quantity in sorted(clazar.accepted_quantities().items()):
-            totals[contract, dimension].append(quantity)
-        print("=== What Clazar received")
-        print(f"{'contract':<38} {'dimension':<30} {'hours':>5} {'total quantity':>16}")
-        for (contract, dimension), quantities in sorted(totals.items()):
-            print(f"{contract:<38} {dimension:<30} {len(quantities):>5} {sum(quantities):>16}")
-        print(f"\n{sum(len(q) for q in totals.values())} records accepted, each (contract, dimension, hour) once.")
-        print(f"State: {work / 'metering_state.json'}; metrics: {work / 'metering.prom'}")
+        totals: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+        hours: set[str] = set()
+        for (contract, dimension, hour), quantity in sorted(clazar.accepted_quantities().items()):
+            totals[contract][dimension] += quantity
+            hours.add(hour)
+        dimensions = sorted({dimension for per_contract in totals.values() for dimension in per_contract})
+        print(f"=== What Clazar received: totals over {len(hours)} hours")
+        print(f"{'contract':<37}" + "".join(f"{dimension:>18}" for dimension in dimensions))
+        for contract, per_contract in sorted(totals.items()):
+            print(f"{contract:<37}" + "".join(f"{per_contract.get(dimension, 0):>18}" for dimension in dimensions))
+        print(f"{len(clazar.accepted_quantities())} records accepted, each (contract, dimension, hour) once. "
+              f"Metrics: {work / 'metering.prom'}")
         return 0 if codes == [0, 0] and not clazar.violations else 1
     finally:
         clazar.stop()

@@ -286,6 +286,8 @@ def waiting(bench, arguments) -> None:
     from conftest import fabricate_rejected
     from export_data import current_hour
 
+    bucket = f"bench-waiting-{int(time.time() * 1000) % 10**8}"
+    bench.s3.create_bucket(Bucket=bucket)  # status reads its marker: there is none
     print("\n| records waiting | state (bytes) | ledger (MB) | status (s) | status peak RSS (MB) "
           "| retry-failed --dry-run (s) | its peak RSS (MB) |\n|---|---|---|---|---|---|---|")
     for hours in (10, 100, 1000):
@@ -294,7 +296,7 @@ def waiting(bench, arguments) -> None:
         folder.mkdir()
         count = fabricate_rejected(state, ":".join(SERVICE), [current_hour() - timedelta(hours=h + 1) for h in range(hours)],
                                    [f"c-{i:05d}" for i in range(1000)])
-        env = {**bench.env, "S3_BUCKET_NAME": "unused", "STATE_FILE_PATH": str(state)}
+        env = {**bench.env, "S3_BUCKET_NAME": bucket, "STATE_FILE_PATH": str(state)}
         command = [sys.executable, str(TESTS.parent / "metering_processor.py")]
         status_seconds, status_rss, _, _ = timed([*command, "status"], env)
         dry_seconds, dry_rss, _, output = timed([*command, "retry-failed", "--dry-run"], {**env, "LOG_LEVEL": "INFO"})

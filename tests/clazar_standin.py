@@ -122,12 +122,9 @@ class ClazarStandIn:
 
     def use_tls(self, certificate: str, key: str) -> ClazarStandIn:
         """Serve HTTPS with the given certificate (call before start)."""
-        import ssl
+        from servers import serve_tls
 
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-        context.load_cert_chain(certificate, key)
-        self.server.socket = context.wrap_socket(self.server.socket, server_side=True)
-        self.scheme = "https"
+        self.scheme = serve_tls(self.server, certificate, key)
         return self
 
     # --- lifecycle ---------------------------------------------------------

@@ -34,6 +34,21 @@ def cpu(hour, contract, subscription, value, **extra):
                               dimension="cpu_core_hours", value=value, **extra)
 
 
+def five_records_in_three_batches(harness, hours) -> dict:
+    """Hour 0 with five records (three batches at CLAZAR_BATCH_SIZE=2) and hour 1 with one,
+    both final. Returns what Clazar should accept: {(contract, dimension, hour): quantity}."""
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": export_data.pod_records(SERVICE, h, contract="c-1",
+                                                                     subscription="sub-AAAAAAAAAA"),
+                           "sub-BBBBBBBBBB": [cpu(h, "c-2", "sub-BBBBBBBBBB", 7)]})
+    harness.write_hour(hours[1], {"sub-AAAAAAAAAA": [cpu(hours[1], "c-1", "sub-AAAAAAAAAA", 1)]})
+    harness.write_marker(hours.final(2))
+    first, second = export_data.iso(h), export_data.iso(hours[1])
+    return {("c-1", "cpu_core_hours", first): 2, ("c-1", "memory_byte_hours", first): 2 * export_data.GIB,
+            ("c-1", "storage_allocated_byte_hours", first): 10 * export_data.GIB, ("c-1", "replica_hours", first): 1,
+            ("c-2", "cpu_core_hours", first): 7, ("c-1", "cpu_core_hours", second): 1}
+
+
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
@@ -110,17 +125,20 @@ class Harness:
     def command(self, *arguments: str) -> list[str]:
         return [sys.executable, str(SCRIPT), *arguments]
 
-    def popen(self, *arguments: str, env: dict | None = None, faults: dict | None = None) -> subprocess.Popen:
+    def popen(self, *arguments: str, env: dict | None = None, faults: dict | None = None,
+              wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Start the script; ``wrapper`` is a command that runs it, e.g. ("unshare", "--pid", "--fork")."""
         environment = {**self.env, **(env or {})}
         environment = {key: value for key, value in environment.items() if value is not None}
         if faults:
             environment["PYTHONPATH"] = str(FAULTS)
             environment.update(faults)
-        return subprocess.Popen(self.command(*arguments), env=environment, cwd=self.folder,
+        return subprocess.Popen([*wrapper, *self.command(*arguments)], env=environment, cwd=self.folder,
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
-    def run(self, *arguments: str, env: dict | None = None, faults: dict | None = None, timeout: float = 180) -> Result:
-        process = self.popen(*arguments, env=env, faults=faults)
+    def run(self, *arguments: str, env: dict | None = None, faults: dict | None = None, timeout: float = 180,
+            wrapper: tuple[str, ...] = ()) -> Result:
+        process = self.popen(*arguments, env=env, faults=faults, wrapper=wrapper)
         output, _ = process.communicate(timeout=timeout)
         return Result(process.returncode, output)
 
@@ -224,6 +242,21 @@ def fabricate_rejected(state_path: Path, service_key: str, hours, contracts, dim
 @pytest.fixture
 def harness(s3, seaweed, bucket, clazar, tmp_path) -> Harness:
     return Harness(s3, seaweed, bucket, clazar, tmp_path)
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A private CA and a certificate for 127.0.0.1 signed by it."""
+    def openssl(*arguments):
+        subprocess.run(["openssl", *arguments], check=True, capture_output=True, cwd=tmp_path)
+
+    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
+            "-keyout", "ca.key", "-out", "ca.pem")
+    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
+    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
+            "-extfile", "san.ext", "-out", "server.pem")
+    return tmp_path
 
 
 @pytest.fixture(params=["local-state", "s3-state"])

@@ -4,7 +4,8 @@
 as an S3 server on loopback, with two identities: an administrator and a
 ``lister`` that may list but not read (for denied-read scenarios).
 ``TCPProxy`` sits in front of a server to add a delay to each request or to cut
-every connection, as if the server had gone away.
+every connection, as if the server had gone away. ``Pushgateway`` records what
+is PUT to it, as a Prometheus Pushgateway would receive it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import subprocess
 import sys
 import threading
 import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ADMIN = ("metering-admin", "metering-admin-secret")
@@ -222,3 +224,56 @@ class TCPProxy:
     def close(self) -> None:
         self.cut()
         self.listener.close()
+
+
+def serve_tls(server: ThreadingHTTPServer, certificate: str, key: str) -> str:
+    """Make ``server`` (not started yet) serve HTTPS with this certificate; returns the scheme."""
+    import ssl
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(certificate, key)
+    server.socket = context.wrap_socket(server.socket, server_side=True)
+    return "https"
+
+
+class Pushgateway:
+    """A loopback stand-in for a Prometheus Pushgateway: it records every request
+    (method, path, headers, body) and answers ``status`` (200 unless set)."""
+
+    def __init__(self) -> None:
+        self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
+        self.status = 200
+        pushgateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args) -> None:
+                pass
+
+            def _record(self) -> None:
+                body = self.rfile.read(int(self.headers.get("Content-Length", 0)))
+                pushgateway.requests.append((self.command, self.path, dict(self.headers), body))
+                self.send_response(pushgateway.status)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            do_PUT = do_POST = do_GET = do_DELETE = _record
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.scheme = "http"
+
+    def use_tls(self, certificate: str, key: str) -> Pushgateway:
+        self.scheme = serve_tls(self.server, certificate, key)
+        return self
+
+    @property
+    def url(self) -> str:
+        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
+
+    def __enter__(self) -> Pushgateway:
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()

@@ -4,17 +4,21 @@ from __future__ import annotations
 
 import gzip
 import json
+import shlex
+import subprocess
 import threading
 import time
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from clazar_standin import call, no_results, reset_after_landing, revoke_tokens, short_results, status
-from conftest import CLIENT_SECRET, SERVICE, cpu
+from conftest import CLIENT_SECRET, SERVICE, cpu, five_records_in_three_batches
 from export_data import GIB, current_hour, files_with_refusals, iso, pod_records, record, service_key
 from servers import LISTER
 
 KEY = service_key(SERVICE)
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def accepted(harness):
@@ -210,11 +214,17 @@ def test_first_run_starts_a_day_before_the_current_hour(harness):
         hour = now - timedelta(hours=offset)
         harness.write_hour(hour, {"sub-AAAAAAAAAA": [cpu(hour, "c-1", "sub-AAAAAAAAAA", offset)]})
     harness.write_marker(now - timedelta(hours=23))
-    result = harness.run()
+    # A relative path, resolved against the folder the run starts in: every message gives it whole.
+    result = harness.run(env={"STATE_FILE_PATH": "./metering_state.json"})
     if current_hour() != now:
         pytest.skip("the hour turned during the run")
     assert result.returncode == 0, result.output
-    assert f"No previous processing found, starting from {now - timedelta(hours=24):%Y-%m-%d %H}:00:00" in result.output
+    state = harness.folder / "metering_state.json"
+    assert f" - INFO - State {state} (lock {state}.lock); ledger {harness.folder / 'metering_ledger'}" \
+        in result.lines()[0]
+    assert (f" - WARNING - No previous processing found, starting from {now - timedelta(hours=24):%Y-%m-%d %H}:00:00 "
+            f"(24 hours before the current hour; START_HOUR is unset): the state {state} has no processed hour for {KEY}"
+            in result.output)
     assert accepted(harness) == {("c-1", "cpu_core_hours", iso(now - timedelta(hours=24))): 24}
 
 
@@ -266,6 +276,63 @@ def test_dry_run_prints_records_and_sends_and_saves_nothing(harness, hours):
         assert '"contract_id": "c-1"' in result.output and '"quantity": "3"' in result.output
     assert harness.clazar.auth_calls == 0 and harness.clazar.metering_calls == 0
     assert not harness.state_path.exists()
+
+
+# Every way of asking for a dry run: the flag before and after each command that can send,
+# the variable, and the flag winning over DRY_RUN=false.
+DRY_RUN_WAYS = [
+    (("--dry-run",), {}), (("--dry-run", "run"), {}), (("run", "--dry-run"), {}),
+    (("--dry-run", "retry-failed"), {}), (("retry-failed", "--dry-run"), {}),
+    ((), {"DRY_RUN": "true"}), (("run",), {"DRY_RUN": "true"}), (("retry-failed",), {"DRY_RUN": "true"}),
+    (("run", "--dry-run"), {"DRY_RUN": "false"}), (("--dry-run", "retry-failed"), {"DRY_RUN": "false"}),
+]
+
+
+def test_no_way_of_asking_for_a_dry_run_sends_or_writes_anything(harness, hours, tmp_path):
+    # A state with something to send either way: due hours, and a rejected record to retry.
+    for i in range(3):
+        harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 2),
+                                                         cpu(hours[i], "c-2", "sub-AAAAAAAAAA", 3, pod="x")]})
+    harness.write_marker(hours.final(3))
+    metrics = tmp_path / "metering.prom"
+    settings = {"START_HOUR": iso(hours[0]), "MAX_HOURS_PER_RUN": "1", "METRICS_FILE": str(metrics)}
+    harness.clazar.known_contracts = {"c-1"}
+    assert harness.run(env=settings).returncode == 1
+    harness.clazar.known_contracts = None  # from now on Clazar would accept anything it is sent
+
+    def snapshot():
+        files = sorted(path for path in harness.state_path.parent.rglob("*") if path.is_file()) + [metrics]
+        return {str(path): path.read_bytes() for path in files}, harness.clazar.auth_calls, harness.clazar.metering_calls
+
+    before = snapshot()
+    assert json.loads(harness.run("status", "--json").output)[0]["rejected_waiting"] == 1
+    assert any("metering_ledger" in path for path in before[0])
+
+    # config.env as an operator makes it from the example, loaded the way the cron recipe loads it,
+    # with DRY_RUN=true exported by the shell beforehand.
+    example = (ROOT / "config.env.example").read_text()
+    overrides = {**harness.env, **settings}
+    (harness.folder / "config.env").write_text(example + "".join(
+        f"{name}={shlex.quote(value)}\n" for name, value in overrides.items() if name not in ("PATH", "HOME")))
+    sourced = "set -a && . ./config.env && set +a && exec " + " ".join(harness.command())
+    ways = [(arguments, {**settings, **variables}) for arguments, variables in DRY_RUN_WAYS]
+    for arguments, variables in ways + [(command, None) for command in ((), ("run",), ("retry-failed",))]:
+        if variables is None:
+            process = subprocess.run(["/bin/sh", "-c", " ".join([sourced, *arguments])], cwd=harness.folder,
+                                     env={"PATH": "/usr/bin:/bin", "DRY_RUN": "true"}, capture_output=True, text=True)
+            returncode, output = process.returncode, process.stdout + process.stderr
+        else:
+            result = harness.run(*arguments, env=variables)
+            returncode, output = result.returncode, result.output
+        way = f"{arguments} {variables or 'DRY_RUN=true, then config.env sourced'}"
+        assert returncode == 0, f"{way}: {output}"
+        assert "Dry run: would" in output, way
+        assert snapshot() == before, f"{way} sent or wrote something"
+
+    # The dry runs had something to send: without them, both commands do send.
+    assert harness.run("retry-failed", env=settings).returncode == 0
+    assert harness.run(env=settings).returncode == 0
+    assert len(accepted(harness)) == 4
 
 
 # --- Clazar's answers and faults --------------------------------------------------------
@@ -427,6 +494,16 @@ def test_a_bad_file_fails_its_whole_hour_naming_the_key_and_sends_nothing_of_it(
     assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
 
 
+def test_the_state_and_ledger_in_s3_are_named_at_the_start(harness, hours):
+    url = harness.use_s3_state()
+    harness.write_marker(hours.final(0))
+    result = harness.run(env={"START_HOUR": iso(hours[0])})
+    assert result.returncode == 0, result.output
+    ledger = f"s3://{harness.state_bucket}/exporter/metering_ledger"
+    assert f" - INFO - State {url} (lock {url}.lock); ledger {ledger}" in result.lines()[0]
+    assert f"(START_HOUR): the state {url} has no processed hour for {KEY}" in "\n".join(result.lines("WARNING"))
+
+
 def test_corrupt_state_stops_the_run_and_is_left_untouched(backend_harness, hours):
     harness = backend_harness
     h = hours[0]
@@ -459,31 +536,21 @@ def test_a_state_file_from_the_original_script_carries_over(harness, hours):
 # --- crashes and concurrency ---------------------------------------------------------------
 
 
-def _five_records_in_three_batches(harness, hours):
-    h = hours[0]
-    harness.write_hour(h, {"sub-AAAAAAAAAA": pod_records(SERVICE, h, contract="c-1", subscription="sub-AAAAAAAAAA"),
-                           "sub-BBBBBBBBBB": [cpu(h, "c-2", "sub-BBBBBBBBBB", 7)]})
-    harness.write_hour(hours[1], {"sub-AAAAAAAAAA": [cpu(hours[1], "c-1", "sub-AAAAAAAAAA", 1)]})
-    harness.write_marker(hours.final(2))
-    return {**expect(h, ("c-1", "cpu_core_hours", 2), ("c-1", "memory_byte_hours", 2 * GIB),
-                     ("c-1", "storage_allocated_byte_hours", 10 * GIB), ("c-1", "replica_hours", 1),
-                     ("c-2", "cpu_core_hours", 7)),
-            **expect(hours[1], ("c-1", "cpu_core_hours", 1))}
-
-
 @pytest.mark.parametrize("fault", [
-    {"FAULT_KILL_BEFORE_STATE_WRITE": "1"},   # before the pending hour is recorded
-    {"FAULT_KILL_AFTER_STATE_WRITE": "1"},    # pending recorded, nothing sent
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "1"},   # before the service's first hour is pinned
+    {"FAULT_KILL_AFTER_STATE_WRITE": "1"},    # pinned, nothing read
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "2"},   # before the pending hour is recorded
+    {"FAULT_KILL_AFTER_STATE_WRITE": "2"},    # pending recorded, nothing sent
     {"FAULT_KILL_AFTER_BATCH": "1"},          # first batch landed, answer unread
     {"FAULT_KILL_AFTER_BATCH": "2"},
     {"FAULT_KILL_AFTER_BATCH": "3"},          # every batch landed
-    {"FAULT_KILL_BEFORE_STATE_WRITE": "2"},   # before the commit
-    {"FAULT_KILL_AFTER_STATE_WRITE": "2"},    # right after the commit
-    {"FAULT_KILL_AFTER_STATE_WRITE": "3"},    # second hour pending
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "3"},   # before the commit
+    {"FAULT_KILL_AFTER_STATE_WRITE": "3"},    # right after the commit
+    {"FAULT_KILL_AFTER_STATE_WRITE": "4"},    # second hour pending
 ], ids=lambda fault: "-".join(next(iter(fault.items()))).lower())
 def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(backend_harness, hours, fault):
     harness = backend_harness
-    expected = _five_records_in_three_batches(harness, hours)
+    expected = five_records_in_three_batches(harness, hours)
     env = {"START_HOUR": iso(hours[0]), "CLAZAR_BATCH_SIZE": "2", "STATE_LOCK_TTL_SECONDS": "5"}
     killed = harness.run(env=env, faults=fault)
     assert killed.returncode == -9, killed.output
@@ -537,7 +604,8 @@ def test_a_second_run_while_one_is_working_exits_with_the_lock_code(backend_harn
     release.set()
     output, _ = first.communicate(timeout=60)
     assert second.returncode == 3, second.output
-    assert "another run holds the lock" in second.output
+    assert "another run holds the lock" in "\n".join(second.lines("WARNING")), "a held lock is normal, not an error"
+    assert second.lines("ERROR") == []
     assert first.returncode == 0, output
     assert accepted(harness) == expect(h, ("c-1", "cpu_core_hours", 3))
     assert harness.clazar.metering_calls == 1
@@ -583,6 +651,9 @@ def test_no_secret_token_or_email_reaches_the_log_even_at_debug(harness, hours):
     ({"CLAZAR_API_URL": "http://api.clazar.example/metering/"}, "CLAZAR_API_URL"),
     ({"CLAZAR_AUTH_URL": "http://10.0.0.8/authenticate/"}, "CLAZAR_AUTH_URL"),
     ({"CLAZAR_BATCH_SIZE": "-3"}, "CLAZAR_BATCH_SIZE"),
+    ({"EXPORT_STALE_HOURS": "0"}, "EXPORT_STALE_HOURS"),
+    ({"EXPORT_STALE_HOURS": "soon"}, "EXPORT_STALE_HOURS"),
+    ({"METRICS_PUSHGATEWAY_URL": "ftp://pushgateway/"}, "METRICS_PUSHGATEWAY_URL"),
 ])
 def test_a_bad_setting_exits_2_with_one_line_naming_it(harness, change, variable):
     result = harness.run(env=change)

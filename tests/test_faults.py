@@ -6,7 +6,6 @@ skipped, and no secret, token or e-mail address may appear in the DEBUG output."
 
 from __future__ import annotations
 
-import subprocess
 import threading
 import time
 from collections import defaultdict
@@ -281,21 +280,6 @@ def test_rerunning_a_finished_export_sends_nothing(harness, hours):
 
 
 # --- TLS ------------------------------------------------------------------------------------
-
-
-@pytest.fixture
-def certificate(tmp_path):
-    """A private CA and a certificate for 127.0.0.1 signed by it."""
-    def openssl(*arguments):
-        subprocess.run(["openssl", *arguments], check=True, capture_output=True, cwd=tmp_path)
-
-    openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=Test CA",
-            "-keyout", "ca.key", "-out", "ca.pem")
-    openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", "/CN=127.0.0.1", "-keyout", "server.key", "-out", "server.csr")
-    (tmp_path / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
-    openssl("x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial", "-days", "2",
-            "-extfile", "san.ext", "-out", "server.pem")
-    return tmp_path
 
 
 def test_tls_is_verified_and_a_private_ca_goes_through_requests_ca_bundle(harness, hours, certificate):

@@ -3,15 +3,24 @@ lateness warnings, --help and --version."""
 
 from __future__ import annotations
 
+import base64
 import json
+import os
 import re
+import shlex
+import subprocess
+import sys
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from conftest import SERVICE, cpu
 from export_data import current_hour, files_with_refusals, iso, record, service_key
+from servers import Pushgateway
 
 KEY = service_key(SERVICE)
+ROOT = Path(__file__).resolve().parent.parent
+README = (ROOT / "README.md").read_text()
 
 
 def parse_metrics(text: str) -> dict[tuple[str, str], float]:
@@ -58,6 +67,8 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
         "last_processed_hour": iso(hours[0]),
         "hours_behind": 3,
         "marker": f"final before {iso(hours.final(4))}",
+        "export_age_hours": rows[0]["export_age_hours"],
+        "export_stale": True,
         "pending_hour": None,
         "pending_records": 0,
         "rejected_waiting": 1,
@@ -70,6 +81,18 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
     assert rows[0]["last_run"]["result"] == "rejected records" and rows[0]["last_run"]["sent"] == 1
     assert "hours behind marker:   3" in text.output and "rejected records:      1 waiting" in text.output
     assert f"last processed hour:   {iso(hours[0])}" in text.output
+    # The marker's data ends 26 hours ago: far past EXPORT_STALE_HOURS' default of 3.
+    assert 26 <= rows[0]["export_age_hours"] < 27
+    assert f"(final before {iso(hours.final(4))}) ({rows[0]['export_age_hours']:.1f} hours ago)" not in text.output
+    assert f"export marker:         final before {iso(hours.final(4))} ({rows[0]['export_age_hours']:.1f} hours ago)" \
+        in text.output
+    assert f"WARNING: the export is {rows[0]['export_age_hours']:.1f} hours behind, more than EXPORT_STALE_HOURS=3" \
+        in text.output
+    assert f"State {harness.state_path}" in text.output
+    relaxed = harness.run("status", env={**env, "EXPORT_STALE_HOURS": "48"})
+    assert relaxed.returncode == 0 and "WARNING" not in relaxed.output
+    assert json.loads(harness.run("status", "--json", env={**env, "EXPORT_STALE_HOURS": "48"}).output)[0]["export_stale"] \
+        is False
 
 
 def test_status_shows_a_pending_hour_and_a_marker_problem(harness, hours):
@@ -172,6 +195,9 @@ def test_metrics_after_a_good_run_and_after_a_failed_one(harness, hours, tmp_pat
     assert good["metering_rejected_records_waiting", KEY] == 0
     assert good["metering_pending_hour", KEY] == 0
     assert good["metering_run_late_hours", KEY] == 2  # these hours ended over a day ago, past AWS's 6 hours
+    # What an alert on a stalled export compares with time(): where the marker's data ends, and the state's.
+    assert good["metering_export_final_before_timestamp_seconds", KEY] == hours.final(3).timestamp()
+    assert good["metering_last_processed_hour_timestamp_seconds", KEY] == hours[1].timestamp()
     success = good["metering_last_success_timestamp_seconds", KEY]
     assert abs(success - good["metering_run_timestamp_seconds", ""]) < 60
 
@@ -200,6 +226,60 @@ def test_metric_labels_are_escaped():
     report = mp.ServiceReport(service, hours=1)
     text = mp.render_metrics([service], {service.key: report}, {}, 0, mp.utc_now(), 1.5)
     assert parse_metrics(text)["metering_run_hours_processed", 'Odd \\"Name\\" \\\\ DB:PROD:pt-1'] == 1
+
+
+def test_metrics_are_pushed_to_a_pushgateway_and_a_failed_push_only_warns(harness, hours, tmp_path, certificate):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    metrics = tmp_path / "metering.prom"
+    env = {"START_HOUR": iso(hours[0]), "METRICS_FILE": str(metrics)}
+    with Pushgateway() as gateway:
+        grouped = {**env, "METRICS_PUSHGATEWAY_URL": gateway.url + "/", "METRICS_PUSHGATEWAY_INSTANCE": "eu-west/prod 1"}
+        result = harness.run(env=grouped)
+        assert result.returncode == 0, result.output
+        [(method, path, headers, body)] = gateway.requests
+        assert method == "PUT" and headers["Content-Type"].startswith("text/plain; version=0.0.4")
+        assert path == "/metrics/job/metering_exporter/instance@base64/" + base64.urlsafe_b64encode(b"eu-west/prod 1").decode()
+        assert body.decode() == metrics.read_text(), "the same metrics as the textfile"
+        pushed = parse_metrics(body.decode())
+        assert pushed["metering_run_records_sent", KEY] == 1 and pushed["metering_run_exit_status", ""] == 0
+
+        # A Pushgateway that refuses is a warning; the run's exit code stays its own.
+        gateway.status = 500
+        refused = harness.run(env={**grouped, "METRICS_PUSHGATEWAY_INSTANCE": "worker-1"})
+        assert refused.returncode == 0, refused.output
+        assert gateway.requests[-1][1] == "/metrics/job/metering_exporter/instance/worker-1"
+        assert f"WARNING - Could not push the metrics to {gateway.url}/metrics/job/metering_exporter/instance/worker-1: " \
+               "HTTP 500" in refused.output
+        assert len(gateway.requests) == 2
+        gone = gateway.url
+    unreachable = harness.run(env={**env, "METRICS_PUSHGATEWAY_URL": gone})
+    assert unreachable.returncode == 0, unreachable.output
+    assert f"WARNING - Could not push the metrics to {gone}/metrics/job/metering_exporter: ConnectionError" \
+        in unreachable.output
+
+    # TLS is verified: a certificate from an unknown CA is refused, the private CA goes in REQUESTS_CA_BUNDLE.
+    with Pushgateway().use_tls(str(certificate / "server.pem"), str(certificate / "server.key")) as secure:
+        untrusted = harness.run(env={**env, "METRICS_PUSHGATEWAY_URL": secure.url})
+        assert untrusted.returncode == 0 and secure.requests == []
+        assert "Could not push the metrics" in untrusted.output and "CERTIFICATE_VERIFY_FAILED" in untrusted.output
+        trusted = harness.run(env={**env, "METRICS_PUSHGATEWAY_URL": secure.url,
+                                   "REQUESTS_CA_BUNDLE": str(certificate / "ca.pem")})
+        assert trusted.returncode == 0 and "Could not push" not in trusted.output
+        assert [request[1] for request in secure.requests] == ["/metrics/job/metering_exporter"]
+        assert parse_metrics(secure.requests[0][3].decode())["metering_run_exit_status", ""] == 0
+
+    wrong = harness.run(env={**env, "METRICS_PUSHGATEWAY_URL": "pushgateway:9091"})
+    assert wrong.returncode == 2 and "METRICS_PUSHGATEWAY_URL" in wrong.output
+
+
+def test_the_pushgateway_grouping_key():
+    import metering_processor as mp
+
+    assert mp.pushgateway_target("http://pg:9091/", None) == "http://pg:9091/metrics/job/metering_exporter"
+    assert mp.pushgateway_target("http://pg:9091", "") == "http://pg:9091/metrics/job/metering_exporter"
+    assert mp.pushgateway_target("https://pg", "prod-1.eu") == "https://pg/metrics/job/metering_exporter/instance/prod-1.eu"
+    assert mp.pushgateway_target("https://pg", "a/b") == "https://pg/metrics/job/metering_exporter/instance@base64/YS9i"
 
 
 # --- logs ----------------------------------------------------------------------------------------
@@ -233,8 +313,12 @@ def test_hours_sent_past_the_marketplace_window_are_warned_about(harness):
     if current_hour() != now:
         pytest.skip("the hour turned during the run")
     assert result.returncode == 0, result.output
-    warnings = [line for line in result.lines("WARNING") if "past the gcp marketplace's 2-hour window" in line]
-    assert [line.split("Hour ")[1][:19] for line in warnings] == [f"{hour:%Y-%m-%d %H}:00:00" for hour in late]
+    warnings = [line for line in result.lines("WARNING") if "marketplace" in line]
+    # One warning for the service's run, however many hours it concerns: how many, and the oldest.
+    assert len(warnings) == 1, result.output
+    assert (f"Acme Vector DB/PROD/pt-Q7rT2bX9kL: 2 hour(s) sent past the gcp marketplace's 2-hour window, "
+            f"the oldest {late[0]:%Y-%m-%d %H}:00:00, which ended ") in warnings[0]
+    assert re.search(r"which ended (4\.\d|5\.0) hours ago: the marketplace may refuse to bill them", warnings[0])
     assert "2 hour(s) sent past the marketplace's window" in result.output
     assert len(harness.clazar.accepted_keys()) == 3, "late hours are still sent"
 
@@ -253,3 +337,62 @@ def test_help_lists_every_variable_and_version(harness):
         assert command in result.output
     version = harness.run("--version")
     assert version.returncode == 0 and mp.__version__ in version.output
+
+
+# --- the README's operator commands and the demo ------------------------------------------------
+
+
+def test_the_readmes_operator_commands_work_as_written_with_the_config_loaded(harness, hours, tmp_path):
+    """Each command the README shows an operator, run by /bin/sh in a checkout laid out as the cron
+    recipe's (config.env, .venv, the script), after the README's own line that loads the config."""
+    section = README.split("## Operating it", 1)[1]
+    load = re.search(r"^cd /opt/metering && set -a && \. \./config\.env && set \+a", section, re.M)
+    assert load, "the README shows how to load config.env before the commands"
+    commands = [line.split("  #")[0].strip() for line in README.splitlines()
+                if line.startswith(".venv/bin/python metering_processor.py ")]
+    assert {command.split()[2] for command in commands} >= {"status", "history", "reconcile", "retry-failed"}
+
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    checkout = tmp_path / "checkout"
+    (checkout / ".venv" / "bin").mkdir(parents=True)
+    python = checkout / ".venv" / "bin" / "python"
+    python.write_text(f"#!/bin/sh\nexec {shlex.quote(sys.executable)} \"$@\"\n")
+    python.chmod(0o755)
+    (checkout / "metering_processor.py").symlink_to(ROOT / "metering_processor.py")
+    settings = {**harness.env, "START_HOUR": iso(hours[0]), "STATE_FILE_PATH": "./metering_state.json"}
+    (checkout / "config.env").write_text("".join(
+        f"{name}={shlex.quote(value)}\n" for name, value in settings.items() if name not in ("PATH", "HOME")))
+    prefix = load.group(0).replace("/opt/metering", shlex.quote(str(checkout)))
+
+    def sh(command):
+        return subprocess.run(["/bin/sh", "-c", f"{prefix} && {command}"], env={"PATH": "/usr/bin:/bin"},
+                              capture_output=True, text=True, timeout=120)
+
+    # Before any run (reconcile then has no processed hour to re-read, which keeps this quick).
+    for command in commands:
+        result = sh(command)
+        assert result.returncode == 0, f"{command}: {result.stdout}{result.stderr}"
+        assert "configuration error" not in result.stderr
+    assert harness.clazar.accepted_keys() == set()
+    exported = sh(".venv/bin/python metering_processor.py")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert len(harness.clazar.accepted_keys()) == 1 and (checkout / "metering_state.json").exists()
+    status = sh(".venv/bin/python metering_processor.py status")
+    assert f"last processed hour:   {iso(hours[0])}" in status.stdout
+
+
+def test_the_demo_fits_a_screen_and_warns_only_where_it_means_to():
+    result = subprocess.run([sys.executable, str(ROOT / "demo" / "run_demo.py")], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert len(lines) <= 60, result.stdout
+    assert " - ERROR - " not in result.stdout
+    # What it means to show: a first run finds no state and says where it looked, and one
+    # subscription without a marketplace payer is never billed.
+    warnings = [line.split(" - WARNING - ")[1] for line in lines if " - WARNING - " in line]
+    assert len(warnings) == 3, warnings
+    assert [warning.split(",")[0] for warning in warnings[:2]] == ["No previous processing found"] * 2
+    assert "have no externalPayerId or dimension" in warnings[2] and warnings[2].endswith(": sub-Vx00000002")
+    assert "288 records accepted" in result.stdout

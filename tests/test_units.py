@@ -703,12 +703,12 @@ def test_history_and_status_escape_what_came_from_data():
     line = {**LINE, "record_id": "r-1\n2026-01-01 00:00:00,000 - ERROR - forged\x1b[2J"}
     text = mp.format_history([line])
     assert "r-1\\n2026-01-01 00:00:00,000 - ERROR - forged\\x1b[2J" in text and len(text.splitlines()) == 3
-    row = {"service": "A:PROD:pt", "last_processed_hour": None, "hours_behind": None, "marker": "error: x\ny",
-           "pending_hour": None, "pending_records": 0, "rejected_waiting": 0, "conflicts_waiting": 0, "last_success_at": None,
-           "last_run": {"at": "t", "result": "failed", "hours": 0, "sent": 0, "rejected": 0, "error": "bad\rline"},
-           "late_usage_found": 0, "last_late_usage": None}
+    config = mp.load_config(BASE)
+    state = mp.ServiceState.from_json({"last_run": {"at": "t", "result": "failed", "hours": 0, "sent": 0, "rejected": 0,
+                                                    "error": "bad\rline"}}, "e")
+    row = mp.service_status(config.services[0], state, None, mp.MarkerError("x\ny"), config, at("2026-01-01T00:00Z"))
     shown = mp.format_status([row])
-    assert "error: x\\ny" in shown and "bad\\rline" in shown
+    assert "x\\ny" in shown and "bad\\rline" in shown
     assert not any(mp.CONTROL_CHARACTERS.search(text_line) for text_line in shown.splitlines())
 
 
