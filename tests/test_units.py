@@ -762,3 +762,17 @@ def test_answers_kept_are_masked():
     answer = {"errors": [{"message": "buyer ops@example.com, key a-secret-kept-from-answers"}], "n": [[[[[[[[[1]]]]]]]]]}
     masked = json.dumps(mp.mask_value(answer))
     assert "ops@example.com" not in masked and "a-secret-kept-from-answers" not in masked and "[email]" in masked
+
+
+def test_the_pushgateway_url_is_checked_like_clazars_but_may_carry_basic_auth_over_tls():
+    def load(url):
+        return mp.load_config({**BASE, "METRICS_PUSHGATEWAY_URL": url}).pushgateway_url
+
+    assert load("http://pushgateway.monitoring:9091/") == "http://pushgateway.monitoring:9091"
+    assert load("https://user:pw@pushgateway.example/") == "https://user:pw@pushgateway.example"
+    assert load("http://user:pw@127.0.0.1:9091") == "http://user:pw@127.0.0.1:9091"
+    for url, problem in (("http://user:pw@pushgateway.example/", "unencrypted"), ("http://a:1\\@127.0.0.1/", "backslash"),
+                         ("http://127.0.0.1:70000/", "port")):
+        with pytest.raises(mp.ConfigError, match=problem) as error:
+            load(url)
+        assert error.value.variable == "METRICS_PUSHGATEWAY_URL" and "pw" not in str(error.value)
