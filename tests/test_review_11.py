@@ -152,7 +152,7 @@ def as_previous_release(harness) -> None:
     harness.write_state_bytes(json.dumps(state).encode())
 
 
-@pytest.mark.xfail(strict=True, reason="a hour of the previous release with no ledger file gets an empty mark: "
+@pytest.mark.xfail(strict=True, reason="an hour of the previous release with no ledger file gets an empty mark: "
                                        "the whole hour is carried again on its next change")
 def test_an_upgraded_hour_whose_ledger_is_gone_is_not_billed_again(harness, hours):
     import shutil
