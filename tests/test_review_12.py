@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import socket
+import subprocess
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import metering_processor as mp
@@ -67,6 +69,18 @@ def one_hour(harness, hours):
     harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
     harness.write_marker(hours.final(1))
     return {"START_HOUR": iso(hours[0])}
+
+
+def run_or_kill(harness, env, timeout):
+    """Run the script; (ended by itself, exit code, output)."""
+    process = harness.popen(env=env)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return True, process.returncode, output
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        return False, process.returncode, output
 
 
 # --- a secret over plain http to another host ---------------------------------------------------------
@@ -166,8 +180,6 @@ def test_a_huge_clazar_answer_is_not_read_without_bound(harness, hours):
 @pytest.mark.xfail(strict=True, reason="the read timeout is per socket read: an answer trickling one byte a "
                                        "second never ends, and the run holds its lock forever")
 def test_a_trickling_clazar_answer_does_not_hang_the_run(harness, hours):
-    import time
-
     stop = threading.Event()
 
     def trickle(handler):
@@ -186,21 +198,14 @@ def test_a_trickling_clazar_answer_does_not_hang_the_run(harness, hours):
     auth = Recorder("127.0.0.1", answer=trickle)
     try:
         env = one_hour(harness, hours)
-        process = harness.popen(env={**env, "CLAZAR_AUTH_URL": auth.url + "/authenticate/",
-                                     "CLAZAR_TIMEOUT_SECONDS": "1", "CLAZAR_MAX_RETRIES": "0"})
-        try:
-            # 45 s is twenty times the longest wait the settings allow (1 s timeout, no retry).
-            output, _ = process.communicate(timeout=45)
-            ended = True
-        except Exception:
-            process.kill()
-            output, _ = process.communicate()
-            ended = False
+        # 45 s is twenty times the longest wait the settings allow (1 s timeout, no retry).
+        ended, code, output = run_or_kill(harness, {**env, "CLAZAR_AUTH_URL": auth.url + "/authenticate/",
+                                                    "CLAZAR_TIMEOUT_SECONDS": "1", "CLAZAR_MAX_RETRIES": "0"}, 45)
     finally:
         stop.set()
         auth.close()
     assert ended, "the run was still waiting for Clazar's answer"
-    assert process.returncode == 1, output
+    assert code == 1, output
 
 
 @pytest.mark.xfail(strict=True, reason="a Retry-After of 5,000 digits makes urllib3 raise ValueError, "
@@ -329,20 +334,6 @@ def test_a_hard_linked_lock_file_does_not_overwrite_its_other_name(harness, hour
 
 
 # --- hangs from data --------------------------------------------------------------------------------------
-
-
-def run_or_kill(harness, env, timeout):
-    """Run the script; (ended by itself, exit code, output)."""
-    import subprocess
-
-    process = harness.popen(env=env)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-        return True, process.returncode, output
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        return False, process.returncode, output
 
 
 @pytest.mark.xfail(strict=True, reason="the e-mail pattern of mask_secrets backtracks quadratically: a 2 MB "
