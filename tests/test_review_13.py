@@ -1,0 +1,164 @@
+"""Review of issue 13 (the operator's first week): dry runs, a clean stop, recipes as deployed.
+
+Each test here reproduces one defect found in review and is marked xfail(strict) until fixed.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from clazar_standin import call
+from conftest import SERVICE, cpu, fabricate_rejected
+from export_data import iso, service_key
+from servers import Pushgateway
+
+KEY = service_key(SERVICE)
+STOPPED = 5
+
+
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(path): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def make_a_conflict(harness, hours) -> dict:
+    """One hour whose record Clazar already holds from someone else: the run records a conflict."""
+    harness.write_hour(hours[0], {"sub-BBBBBBBBBB": [cpu(hours[0], "c-2", "sub-BBBBBBBBBB", 5)]})
+    harness.write_marker(hours.final(1))
+    with harness.clazar.lock:
+        harness.clazar.accepted["c-2", "cpu_core_hours", iso(hours[0])] = {"quantity": "4"}
+    env = {"START_HOUR": iso(hours[0])}
+    result = harness.run(env=env)
+    assert result.returncode == 1 and "Conflict:" in result.output, result.output
+    assert harness.entry()["waiting"] == {iso(hours[0]): {"conflict": 1}}
+    return env
+
+
+# --- dry run ----------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="--dry-run / DRY_RUN=true is ignored by 'conflicts --clear', which writes "
+                                       "the ledger and the state")
+@pytest.mark.parametrize("way", ["flag", "variable"])
+def test_a_dry_run_of_conflicts_clear_writes_nothing(harness, hours, way):
+    env = make_a_conflict(harness, hours)
+    before = files_under(harness.state_path.parent)
+    arguments = ("--dry-run", "conflicts", "--clear") if way == "flag" else ("conflicts", "--clear")
+    result = harness.run(*arguments, env={**env, **({"DRY_RUN": "true"} if way == "variable" else {})})
+    # Either refused (a usage error) or honoured (nothing cleared): never written.
+    assert files_under(harness.state_path.parent) == before, result.output
+    assert harness.entry()["waiting"] == {iso(hours[0]): {"conflict": 1}}
+
+
+@pytest.mark.xfail(strict=True, reason="a dry run with a bad setting still overwrites METRICS_FILE and pushes "
+                                       "exit status 2 to the Pushgateway")
+def test_a_dry_run_with_a_bad_setting_writes_and_pushes_no_metrics(harness, hours, tmp_path):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    metrics = tmp_path / "metering.prom"
+    with Pushgateway() as gateway:
+        env = {"START_HOUR": iso(hours[0]), "METRICS_FILE": str(metrics), "METRICS_PUSHGATEWAY_URL": gateway.url}
+        assert harness.run(env=env).returncode == 0
+        production = metrics.read_text()
+        pushes = len(gateway.requests)
+        # A one-off check with a typo in another setting.
+        for arguments, extra in ((("--dry-run",), {}), (("run", "--dry-run"), {}), ((), {"DRY_RUN": "true"})):
+            result = harness.run(*arguments, env={**env, **extra, "CLAZAR_BATCH_SIZE": "0"})
+            assert result.returncode == 2, result.output
+            assert metrics.read_text() == production, f"{arguments} {extra}: the production metrics were replaced"
+            assert len(gateway.requests) == pushes, f"{arguments} {extra}: a dry run pushed metrics"
+
+
+# --- a clean stop -------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="a stop during retry-failed drops the answers of batches that landed; the "
+                                       "next retry-failed takes them for conflicts")
+def test_a_stop_during_retry_failed_then_a_retry_delivers_every_record_once(harness, hours):
+    # Five rejected records wait in one hour; Clazar now accepts them. Three batches of two, one at a time.
+    count = fabricate_rejected(harness.state_path, KEY, [hours[0]], ["c-1", "c-2", "c-3", "c-4", "c-5"])
+    assert count == 5
+    env = {"CLAZAR_BATCH_SIZE": "2", "CLAZAR_CONCURRENCY": "1"}
+    process: list[subprocess.Popen] = []
+
+    def stop_while_in_flight(records):
+        # The first batch has landed; its answer is held a second while the run is told to stop.
+        process[0].send_signal(signal.SIGTERM)
+        time.sleep(1.0)
+
+    harness.clazar.faults.append(call(stop_while_in_flight))
+    process.append(harness.popen("retry-failed", env=env))
+    output, _ = process[0].communicate(timeout=120)
+    assert process[0].returncode == STOPPED, output
+    assert harness.clazar.metering_calls == 1, "no batch was sent after the stop"
+    assert len(harness.clazar.accepted_keys()) == 2
+
+    again = harness.run("retry-failed", env=env)
+    assert len(harness.clazar.accepted_keys()) == 5
+    assert harness.waiting("conflict") == [], "records this exporter delivered are not conflicts"
+    assert harness.waiting() == []
+    assert again.returncode == 0, again.output
+    assert "waiting" not in harness.entry()
+
+
+class SilentServer:
+    """A loopback TCP server that accepts connections and never answers: an S3 that hangs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        for connection in self.accepted:
+            connection.close()
+        self.listener.close()
+
+
+@pytest.mark.xfail(strict=True, reason="S3 calls on the main thread (marker, listing, state, lease) are not "
+                                       "interrupted by a stop: with S3 hanging, SIGTERM waits out boto3's timeouts")
+@pytest.mark.parametrize("state", ["local-state", "s3-state"])
+def test_a_stop_while_s3_hangs_ends_the_run_within_seconds(harness, tmp_path, state):
+    hanging = SilentServer()
+    try:
+        env = {"AWS_ENDPOINT_URL_S3": hanging.endpoint, "METRICS_FILE": str(tmp_path / "metering.prom")}
+        if state == "s3-state":
+            env["STATE_FILE_PATH"] = "s3://state-bucket/exporter/metering_state.json"
+        process = harness.popen(env=env)
+        deadline = time.monotonic() + 30
+        while not hanging.accepted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert hanging.accepted, "the run reached S3"
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        # The README: "stops the run within seconds"; the issue: within 10 s. Allow three times that;
+        # boto3 alone would wait 60 s per attempt, four attempts.
+        try:
+            output, _ = process.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            pytest.fail("still running 30 s after SIGTERM:\n" + output)
+        assert process.returncode == STOPPED, output
+    finally:
+        hanging.close()
