@@ -162,3 +162,22 @@ def test_a_stop_while_s3_hangs_ends_the_run_within_seconds(harness, tmp_path, st
         assert process.returncode == STOPPED, output
     finally:
         hanging.close()
+
+
+@pytest.mark.xfail(strict=True, reason="SIGINT (Ctrl-C) is turned into a flag that retry-failed --dry-run never "
+                                       "looks at: it runs to the end and exits 0")
+def test_ctrl_c_stops_a_long_retry_failed_dry_run(harness, hours):
+    many = [hours.start - i * (hours[1] - hours[0]) for i in range(1, 301)]
+    fabricate_rejected(harness.state_path, KEY, many, [f"c-{j}" for j in range(100)])
+    process = harness.popen("retry-failed", "--dry-run")
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "Dry run: would resend" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=180)
+    output.append(rest)
+    text = "".join(output)
+    assert process.returncode == STOPPED, text[-2000:]
+    assert text.count("Dry run: would resend") < len(many), "it listed every hour after Ctrl-C"
