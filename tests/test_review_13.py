@@ -216,3 +216,20 @@ def test_the_crontab_line_passes_a_secret_holding_a_dollar_sign_as_written(s3, s
         log = (logs / "metering.log").read_text()
         assert result.returncode == 0, log
         assert len(standin.accepted_keys()) == 4
+
+
+# --- the Pushgateway ------------------------------------------------------------------------------
+
+
+@pytest.mark.xfail(strict=True, reason="on a configuration error the raw METRICS_PUSHGATEWAY_URL is pushed to "
+                                       "unchecked, even the one refused for sending a password over plain http")
+def test_a_pushgateway_url_refused_by_the_check_is_never_pushed_to(harness, tmp_path):
+    with Pushgateway() as gateway:
+        port = gateway.url.rsplit(":", 1)[1]
+        # 127.1 is 127.0.0.1 to the resolver, and a host name, not a loopback address, to the check.
+        refused = f"http://metrics:pushgateway-password@127.1:{port}"
+        result = harness.run(env={"METRICS_PUSHGATEWAY_URL": refused})
+        assert result.returncode == 2 and "METRICS_PUSHGATEWAY_URL" in result.output, result.output
+        assert "unencrypted" in result.output
+        sent = [headers.get("Authorization", "") for _, _, headers, _ in gateway.requests]
+        assert sent == [], "the password went out over plain http to a host the check refused"
