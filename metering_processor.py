@@ -181,29 +181,49 @@ class RunStopped(BaseException):
 class StopRequest:
     """SIGTERM and SIGINT turned into a flag the run looks at where stopping is safe:
     between services and hours, before an hour's records are recorded as pending,
-    before each batch is sent, between files read, before a retry.
+    before each batch is sent, between files read, before a retry; and, in the
+    commands that only read, between hours and ledger files.
 
     Handlers are installed explicitly because Python's defaults do not fit: SIGINT
     raises KeyboardInterrupt wherever the run happens to be, and SIGTERM has no
     handler at all, so as PID 1 in a container (where the kernel drops signals
     without one) it is ignored until SIGKILL.
+
+    A flag cannot interrupt a call that never returns (boto3 waits 60 s per attempt
+    on an S3 that accepts connections and never answers, four attempts), so a
+    watchdog bounds the stop: DEADLINE_SECONDS after the first signal, a process
+    still running writes what it can (see ``when_overdue``) and ends with
+    EXIT_STOPPED. Ending there is as safe as SIGKILL, which the state's design
+    survives at every step: every state and ledger write replaces a whole file or
+    object or nothing, and an S3 lease left behind lapses by itself.
     """
 
     POLL_SECONDS = 0.2
     # How long a stop waits for answers to batches already in flight: an hour
     # whose every batch is answered is committed whole instead of resent.
     GRACE_SECONDS = 5.0
+    # How long a stop may take in all, whatever S3 or Clazar do, and how much of it
+    # the last words (the metrics) may use once the run has not stopped by itself.
+    DEADLINE_SECONDS = 10.0
+    LAST_WORDS_SECONDS = 2.0
 
     def __init__(self) -> None:
         self._event = threading.Event()
         self.reason = ""
+        self._last_words: Callable[[], None] | None = None
+        self._watchdog: threading.Thread | None = None
 
     def install(self) -> None:
-        """Handle SIGTERM and SIGINT from now on (only the main thread can)."""
+        """Handle SIGTERM and SIGINT from now on, and start the watchdog (only the main thread can)."""
         if threading.current_thread() is not threading.main_thread():
             return
         for number in (signal.SIGTERM, signal.SIGINT):
             signal.signal(number, self._receive)
+        if self._watchdog is None:
+            # Started now, not from the handler: a handler may run while the main thread
+            # holds a lock that starting a thread needs.
+            self._watchdog = threading.Thread(target=self._watch, name="stop-watchdog", daemon=True)
+            self._watchdog.start()
 
     def _receive(self, number: int, frame: Any) -> None:
         # Only set the flag: a handler runs between two bytecodes of the main thread,
@@ -230,6 +250,41 @@ class StopRequest:
                 return future.result(timeout=self.POLL_SECONDS)
             except concurrent.futures.TimeoutError:
                 self.check(where)
+
+    def when_overdue(self, last_words: Callable[[], None] | None) -> None:
+        """What the watchdog runs before ending an overdue stop: write the metrics. It runs
+        on another thread while the main one may be anywhere, and gets LAST_WORDS_SECONDS."""
+        self._last_words = last_words
+
+    def _watch(self) -> None:
+        self._event.wait()
+        time.sleep(self.DEADLINE_SECONDS - self.LAST_WORDS_SECONDS)
+        # Still here: the main thread is held by a call no flag reaches. Whatever the
+        # last words do (log, write, push), they must not hold up the exit either.
+        speaker = threading.Thread(target=self._say_last_words, name="stop-last-words", daemon=True)
+        speaker.start()
+        speaker.join(self.LAST_WORDS_SECONDS)
+        os._exit(EXIT_STOPPED)
+
+    def _say_last_words(self) -> None:
+        log.warning("%s received, but the run had not stopped %.0f s later: a call to S3 or Clazar is not answering. "
+                    "Ending it now (exit %d): no hour is committed in part, a pending hour stays pending for the "
+                    "next run, and an S3 lease left behind lapses by itself after STATE_LOCK_TTL_SECONDS",
+                    self.reason, self.DEADLINE_SECONDS - self.LAST_WORDS_SECONDS, EXIT_STOPPED)
+        if self._last_words is not None:
+            try:
+                self._last_words()
+            except Exception as error:  # the exit comes regardless
+                log.warning("Could not write the metrics before ending: %s: %s", type(error).__name__, error)
+        flush_output()
+
+
+def flush_output() -> None:
+    """Flush the log handlers and the standard streams, before os._exit skips Python's own shutdown."""
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
 
 
 STOP = StopRequest()
@@ -684,6 +739,30 @@ def _pushgateway_url(url: str | None) -> str | None:
         return None
     _check_url("METRICS_PUSHGATEWAY_URL", url, carries_credentials=False, allow_userinfo=True)
     return url.rstrip("/")
+
+
+def metrics_targets_despite_error(environ: Mapping[str, str], dry_run: bool | None
+                                  ) -> tuple[str | None, str | None, str | None] | None:
+    """Where a run whose configuration was refused still publishes its exit status:
+    (METRICS_FILE, METRICS_PUSHGATEWAY_URL, METRICS_PUSHGATEWAY_INSTANCE), or None for nowhere.
+
+    Nowhere when it may be a dry run (``dry_run`` from the command line, or DRY_RUN
+    not unset or false): a one-off check must not replace what the hourly run
+    published. The Pushgateway URL only when it passes the check it gets at start-up,
+    so a refused one (plain http with a password, a backslash) is never contacted.
+    Never raises.
+    """
+    env = _Environment(environ)
+    try:
+        if env.flag("DRY_RUN", False) if dry_run is None else dry_run:
+            return None
+    except ConfigError:  # neither true nor false: it may be a dry run
+        return None
+    try:
+        pushgateway_url = _pushgateway_url(env.text("METRICS_PUSHGATEWAY_URL"))
+    except ConfigError:
+        pushgateway_url = None
+    return env.text("METRICS_FILE"), pushgateway_url, env.text("METRICS_PUSHGATEWAY_INSTANCE")
 
 
 # ---------------------------------------------------------------------------
@@ -2926,6 +3005,7 @@ class Ledger:
                 except ValueError:
                     continue
                 if first <= hour <= last:
+                    STOP.check("while reading the ledger")
                     yield from self.read_hour(service_key, hour) or []
 
     def prune(self, keep_days: int, today: datetime) -> int:
@@ -3589,6 +3669,7 @@ def retry_failed(config: Config, book: StateBook, ledger: Ledger, clazar: Clazar
             if state.legacy_rejected and clazar is not None:
                 state = move_legacy_rejected(service.key, state, book, ledger)
             for when in waiting_hours(state, REJECTED, hour):
+                STOP.check(f"before hour {display_hour(when)} of {service.label}")
                 lines = ledger.read_hour(service.key, when) or []
                 waiting = waiting_records(lines)
                 chosen = [line for line in waiting.values()
@@ -3658,6 +3739,7 @@ def clear_conflicts(config: Config, book: StateBook, ledger: Ledger, contract: s
     for service in config.services:
         state = book.service(service.key)
         for when in waiting_hours(state, CONFLICT, hour):
+            STOP.check(f"before hour {display_hour(when)} of {service.label}")
             lines = ledger.read_hour(service.key, when) or []
             chosen = [line for line in waiting_records(lines).values()
                       if line["outcome"] == CONFLICT and (contract is None or line["contract_id"] == contract)]
@@ -3683,6 +3765,7 @@ def list_waiting(config: Config, book: StateBook, ledger: Ledger, outcome: str, 
     found = []
     for service in config.services:
         for when in waiting_hours(book.service(service.key), outcome, hour):
+            STOP.check(f"before hour {display_hour(when)} of {service.label}")
             found += [dict(line) for line in waiting_records(ledger.read_hour(service.key, when) or []).values()
                       if line["outcome"] == outcome and (contract is None or line["contract_id"] == contract)]
     return found
@@ -3747,6 +3830,7 @@ def reconcile(config: Config, exporter: Exporter, first: datetime, last: datetim
         chain: dict[tuple[str, str], Fraction] = {}
         with _working_on(_SERVICE_CONTEXT, service.key), contextlib.closing(exporter._read_ahead(service, due)) as usages:
             for usage in usages:
+                STOP.check(f"before hour {display_hour(usage.hour)} of {service.label}")
                 unattributable[service.key] += usage.unattributable
                 now = billable_amounts(usage, config.formulas)
                 compared, chain = reconcile_hour(now, exporter.ledger.read_hour(service.key, usage.hour), chain)
@@ -3985,15 +4069,16 @@ def _help_epilog() -> str:
         "            3 another run holds the lock, 4 the state could not be read or written,",
         "            5 stopped by SIGTERM or SIGINT (a pending hour stays pending for the next run)",
         "",
-        "--dry-run may stand before or after the command (run, retry-failed, or none); with it, or",
-        "DRY_RUN=true, nothing is sent and nothing is written, whatever else is set.",
+        "--dry-run may stand before or after the command (run, retry-failed, conflicts --clear, or none);",
+        "with it, or DRY_RUN=true, nothing is sent and nothing is written, whatever else is set.",
     ]
     return "\n".join(lines)
 
 
 def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
+    # prog is left to argparse: the name this was started by (metering_processor.py, or
+    # metering-processor when installed), so --version and usage show what was typed.
     parser = argparse.ArgumentParser(
-        prog="metering_processor.py",
         description="Export Omnistrate usage from S3 to Clazar, one final hour at a time. "
                     "With no command, run the export (as cron does).",
         epilog=_help_epilog(),
@@ -4024,6 +4109,8 @@ def parse_arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     conflicts.add_argument("--contract", help="only this contract")
     conflicts.add_argument("--hour", type=_hour_argument, help="only this hour, e.g. 2026-02-10T14:00:00Z")
     conflicts.add_argument("--clear", action="store_true", help="mark them resolved (takes the lock)")
+    conflicts.add_argument("--dry-run", action="store_true", default=argparse.SUPPRESS,
+                           help="with --clear: list what would be cleared; write nothing")
     conflicts.add_argument("--json", action="store_true")
     history = commands.add_parser("history", help="what the ledger says was billed to one contract")
     history.add_argument("--contract", required=True)
@@ -4100,8 +4187,10 @@ def show_status(config: Config, client: Any, store: LocalStateStore | S3StateSto
         source.close()
     now = utc_now()
     # The state may hold text an older version stored unmasked, or a hand edit: masked again here.
-    rows = [mask_value(service_status(service, book.service(service.key), marker, marker_error, config, now))
-            for service in config.services]
+    rows = []
+    for service in config.services:
+        STOP.check(f"before {service.label}")
+        rows.append(mask_value(service_status(service, book.service(service.key), marker, marker_error, config, now)))
     print(json.dumps(rows, indent=2) if as_json else f"State {store.display}\n" + format_status(rows, config.export_stale_hours))
     return EXIT_OK
 
@@ -4120,13 +4209,30 @@ def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -
     """The hourly run: lock, export every service, release, write the metrics.
 
     A stop (RunStopped) ends it with EXIT_STOPPED after the lock is released, and
-    the metrics are still written and pushed.
+    the metrics are still written and pushed; a stop that S3 or Clazar holds up
+    past StopRequest.DEADLINE_SECONDS ends the process from the watchdog, which
+    writes and pushes the metrics as far as they are known.
     """
     started, began = utc_now(), time.monotonic()
     ledger = open_ledger(config, client)
     announce_locations(store, ledger)
     exporter: Exporter | None = None
     book: StateBook | None = None
+
+    def publish(code: int) -> None:
+        # A run that found the lock held writes nothing: the run holding it will.
+        if config.dry_run or code == EXIT_LOCKED:
+            return
+        states = {}
+        if book is not None:
+            with contextlib.suppress(StateError):  # already reported; the metrics still go out
+                states = {service.key: book.service(service.key) for service in config.services}
+        reports = exporter.reports if exporter is not None else []
+        publish_metrics(config.metrics_file, config.pushgateway_url, config.pushgateway_instance, render_metrics(
+            config.services, {report.service.key: report for report in reports}, states, code, started,
+            time.monotonic() - began))
+
+    STOP.when_overdue(lambda: publish(EXIT_STOPPED))
     try:
         if not config.dry_run:
             store.acquire()
@@ -4152,16 +4258,7 @@ def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -
     except Exception as error:
         code = EXIT_FAILED
         _report_defect(error)
-    # A run that found the lock held writes nothing: the run holding it will.
-    if not config.dry_run and code != EXIT_LOCKED:
-        states = {}
-        if book is not None:
-            with contextlib.suppress(StateError):  # already reported; the metrics still go out
-                states = {service.key: book.service(service.key) for service in config.services}
-        reports = exporter.reports if exporter is not None else []
-        publish_metrics(config.metrics_file, config.pushgateway_url, config.pushgateway_instance, render_metrics(
-            config.services, {report.service.key: report for report in reports}, states, code, started,
-            time.monotonic() - began))
+    publish(code)
     return code
 
 
@@ -4247,10 +4344,7 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
         # Everything worth keeping is written and the lock released. A request or
         # read left in flight must not hold up the exit, as the interpreter would
         # by joining its worker thread.
-        logging.shutdown()
-        for stream in (sys.stdout, sys.stderr):
-            with contextlib.suppress(Exception):
-                stream.flush()
+        flush_output()
         os._exit(code)
     return code
 
@@ -4261,12 +4355,9 @@ def run_command(arguments: argparse.Namespace, environ: Mapping[str, str]) -> in
         config = load_config(environ, dry_run=arguments.dry_run, sends=command in ("run", "retry-failed"))
     except ConfigError as error:
         print(f"metering_processor: configuration error: {error}", file=sys.stderr)
-        push_url = environ.get("METRICS_PUSHGATEWAY_URL", "").strip()
-        if command == "run":
-            publish_metrics(environ.get("METRICS_FILE", "").strip() or None,
-                            push_url if push_url.startswith(("https://", "http://")) else None,
-                            environ.get("METRICS_PUSHGATEWAY_INSTANCE", "").strip() or None,
-                            render_metrics((), {}, {}, EXIT_CONFIG, utc_now(), 0.0))
+        targets = metrics_targets_despite_error(environ, arguments.dry_run) if command == "run" else None
+        if targets is not None:
+            publish_metrics(*targets, render_metrics((), {}, {}, EXIT_CONFIG, utc_now(), 0.0))
         return EXIT_CONFIG
     # Reports go to stdout, so the log of a reporting command goes to stderr.
     configure_logging(config.log_level, config.log_format, sys.stdout if command in ("run", "retry-failed") else sys.stderr)
@@ -4318,16 +4409,20 @@ def _run_command(command: str, config: Config, arguments: argparse.Namespace) ->
 
 def show_or_clear_conflicts(config: Config, client: Any, store: LocalStateStore | S3StateStore,
                             arguments: argparse.Namespace) -> int:
-    """conflicts: list them (read-only, no lock), or with --clear mark them resolved (with the lock)."""
+    """conflicts: list them (read-only, no lock), or with --clear mark them resolved (with the lock).
+    A dry run of --clear lists what it would clear and writes nothing."""
+    ledger = open_ledger(config, client)
+    announce_locations(store, ledger)
     try:
-        if not arguments.clear:
-            found = list_waiting(config, StateBook(store), open_ledger(config, client), CONFLICT,
-                                 arguments.contract, arguments.hour)
+        if not arguments.clear or config.dry_run:
+            found = list_waiting(config, StateBook(store), ledger, CONFLICT, arguments.contract, arguments.hour)
+            if arguments.clear:
+                log.info("Dry run: would clear the %d conflict(s) listed; nothing is written", len(found))
             print(json.dumps(found, indent=2) if arguments.json else format_waiting(found))
             return EXIT_OK
         store.acquire()
         try:
-            return clear_conflicts(config, StateBook(store), open_ledger(config, client), arguments.contract, arguments.hour)
+            return clear_conflicts(config, StateBook(store), ledger, arguments.contract, arguments.hour)
         finally:
             store.release()
     except MeteringError as error:
@@ -4339,6 +4434,7 @@ def report_on_ledger(config: Config, client: Any, store: LocalStateStore | S3Sta
                      arguments: argparse.Namespace) -> int:
     """reconcile and history: read-only, no lock, no Clazar call."""
     ledger = open_ledger(config, client)
+    announce_locations(store, ledger)
     if arguments.command == "history":
         last = arguments.last or floor_hour(utc_now())
         first = arguments.first or floor_hour(last - timedelta(days=31)).replace(hour=0)

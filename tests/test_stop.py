@@ -8,14 +8,19 @@ dimension, hour) accepted exactly once.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import signal
+import socket
 import subprocess
+import threading
 import time
 from pathlib import Path
 
+import metering_processor as mp
 import pytest
 from clazar_standin import call
-from conftest import SERVICE, five_records_in_three_batches
+from conftest import SERVICE, fabricate_rejected, five_records_in_three_batches
 from export_data import iso, service_key
 from test_operations import parse_metrics
 
@@ -149,3 +154,163 @@ def test_a_stop_works_when_the_exporter_is_pid_1(harness, hours, tmp_path):
     assert_stopped_cleanly(harness, result, tmp_path / "metering.prom", pending_hour=iso(hours[0]))
     assert harness.clazar.metering_calls == 0
     assert_rerun_completes_exactly_once(harness, env, expected, hours)
+
+
+# --- a stop that S3 or Clazar holds up ----------------------------------------------------------
+
+
+class SilentServer:
+    """A loopback TCP server that accepts connections and never answers: an S3 that hangs."""
+
+    def __init__(self) -> None:
+        self.listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.accepted: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.listener.getsockname()[1]}"
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                connection, _ = self.listener.accept()
+            except OSError:
+                return
+            self.accepted.append(connection)
+
+    def close(self) -> None:
+        for connection in self.accepted:
+            connection.close()
+        self.listener.close()
+
+
+def assert_ended_by_the_watchdog(output: str, returncode: int, metrics: Path) -> None:
+    assert returncode == STOPPED, output
+    assert "received, but the run had not stopped" in output
+    assert "lapses by itself" in output
+    assert parse_metrics(metrics.read_text())["metering_run_exit_status", ""] == STOPPED
+
+
+@pytest.mark.parametrize("state", ["local-state", "s3-state"])
+def test_a_stop_while_s3_hangs_ends_the_run_within_seconds(harness, tmp_path, state):
+    hanging = SilentServer()
+    try:
+        metrics = tmp_path / "metering.prom"
+        env = {"AWS_ENDPOINT_URL_S3": hanging.endpoint, "METRICS_FILE": str(metrics)}
+        if state == "s3-state":
+            env["STATE_FILE_PATH"] = "s3://state-bucket/exporter/metering_state.json"
+        process = harness.popen(env=env)
+        deadline = time.monotonic() + 30
+        while not hanging.accepted and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert hanging.accepted, "the run reached S3"
+        time.sleep(1.0)
+        process.send_signal(signal.SIGTERM)
+        # The README: "stops the run within seconds"; the issue: within 10 s. Allow twice that;
+        # boto3 alone would wait 60 s per attempt, four attempts.
+        try:
+            output, _ = process.communicate(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+            pytest.fail("still running 20 s after SIGTERM:\n" + output)
+        assert_ended_by_the_watchdog(output, process.returncode, metrics)
+    finally:
+        hanging.close()
+
+
+@pytest.mark.parametrize("moment", ["before", "after"])
+def test_a_stop_while_a_state_write_hangs_ends_the_run_and_the_rerun_completes_exactly_once(
+        backend_harness, hours, tmp_path, moment):
+    """The store stops answering the write that records hour 0 as pending, before it lands or
+    after (the answer lost): the watchdog ends the run, and the state holds the document before
+    that write or after it, whole, never a part."""
+    harness = backend_harness
+    expected = five_records_in_three_batches(harness, hours)
+    metrics = tmp_path / "metering.prom"
+    env = {**settings(harness, hours, metrics), "STATE_LOCK_TTL_SECONDS": "5"}
+    # State writes: 1 pins the service's first hour, 2 records hour 0 as pending.
+    result = harness.run(env=env, faults={f"FAULT_HANG_{moment.upper()}_STATE_WRITE": "2"}, timeout=60)
+    assert_ended_by_the_watchdog(result.output, result.returncode, metrics)
+    assert harness.clazar.metering_calls == 0
+    entry = harness.state()[KEY]
+    assert "last_processed_hour" not in entry
+    assert (entry.get("pending_hour") or {}).get("hour") == (iso(hours[0]) if moment == "after" else None)
+    assert ledger_files(harness) == []
+    if harness.state_in_s3:
+        # The lease is left behind and lapses by itself (STATE_LOCK_TTL_SECONDS).
+        lease = json.loads(harness.state_bytes(harness.state_key + ".lock"))
+        time.sleep(max(0.0, (mp.parse_utc(lease["expires_at"]) - mp.utc_now()).total_seconds()) + 1.0)
+    rerun = harness.run(env=env)
+    assert rerun.returncode == 0, rerun.output
+    assert harness.clazar.accepted_quantities() == expected
+    assert len(harness.clazar.successes()) == len(expected), "each (contract, dimension, hour) accepted once"
+    assert harness.clazar.violations == []
+    assert harness.entry()["last_processed_hour"] == iso(hours[1])
+    assert not lease_exists(harness)
+
+
+# --- Ctrl-C in the commands that only read ------------------------------------------------------
+
+
+def test_ctrl_c_stops_a_long_retry_failed_dry_run(harness, hours):
+    many = [hours.start - i * (hours[1] - hours[0]) for i in range(1, 301)]
+    fabricate_rejected(harness.state_path, KEY, many, [f"c-{j}" for j in range(100)])
+    process = harness.popen("retry-failed", "--dry-run")
+    output = []
+    for line in process.stdout:
+        output.append(line)
+        if "Dry run: would resend" in line:
+            process.send_signal(signal.SIGINT)
+            break
+    rest, _ = process.communicate(timeout=180)
+    output.append(rest)
+    text = "".join(output)
+    assert process.returncode == STOPPED, text[-2000:]
+    assert "SIGINT received: stopped before hour" in text
+    assert text.count("Dry run: would resend") < len(many), "it listed every hour after Ctrl-C"
+
+
+@pytest.fixture
+def stop_requested(monkeypatch):
+    """A stop already asked for, as after Ctrl-C, in this process only."""
+    stop = mp.StopRequest()
+    stop.request("SIGINT")
+    monkeypatch.setattr(mp, "STOP", stop)
+
+
+@pytest.mark.parametrize("command", ["retry-failed --dry-run", "conflicts", "conflicts --clear", "history",
+                                     "reconcile", "status"])
+def test_every_loop_of_the_operators_commands_stops_on_request(s3, bucket, tmp_path, hours, stop_requested, command):
+    """Each command's loop over services, hours or ledger files looks at the stop before each step."""
+    state_path = tmp_path / "metering_state.json"
+    fabricate_rejected(state_path, KEY, [hours[0]], ["c-1"])
+    store = mp.LocalStateStore(str(state_path))
+    book = mp.StateBook(store)
+    state = dataclasses.replace(book.service(KEY), last_processed_hour=hours[0])
+    book.save(KEY, state.with_waiting(hours[0], {mp.REJECTED: 1, mp.CONFLICT: 1}))
+    config = mp.load_config({"S3_BUCKET_NAME": bucket, "SERVICE_NAME": SERVICE[0], "ENVIRONMENT_TYPE": SERVICE[1],
+                             "PLAN_ID": SERVICE[2], "STATE_FILE_PATH": str(state_path), "DRY_RUN": "true"})
+    ledger = mp.Ledger(mp.LocalLedgerStorage(config.ledger_path))
+    before = state_path.read_bytes()
+    with pytest.raises(mp.RunStopped, match="SIGINT received: stopped"):
+        if command == "retry-failed --dry-run":
+            mp.retry_failed(config, book, ledger, None, None, None)
+        elif command == "conflicts":
+            mp.list_waiting(config, book, ledger, mp.CONFLICT, None, None)
+        elif command == "conflicts --clear":
+            mp.clear_conflicts(config, book, ledger, None, None)
+        elif command == "history":
+            list(ledger.lines(KEY, hours[0], hours[0]))
+        elif command == "reconcile":
+            source = mp.ExportSource(s3, bucket, 1)
+            try:
+                mp.reconcile(config, mp.Exporter(config, source, None, book, ledger), hours[0], hours[0])
+            finally:
+                source.close()
+        else:
+            mp.show_status(config, s3, store, as_json=True)
+    assert state_path.read_bytes() == before

@@ -12,6 +12,10 @@ FAULT_SIGNAL_AFTER_STATE_WRITE=N   FAULT_SIGNAL just after the N-th write of the
 FAULT_SIGNAL_AFTER_BATCH=N         FAULT_SIGNAL as the N-th metering response arrives
 FAULT_SIGNAL_ON_READ=N             FAULT_SIGNAL as the N-th export file is read
 FAULT_SIGNAL=SIGTERM               the signal those send (SIGTERM or SIGINT)
+FAULT_HANG_BEFORE_STATE_WRITE=N    FAULT_SIGNAL, then hang for an hour, just before the
+                                   N-th write of the state (a store that stops answering)
+FAULT_HANG_AFTER_STATE_WRITE=N     the same just after it (the write landed, its answer
+                                   never comes)
 FAULT_DEFECT_ON_BATCH=N            raise RuntimeError (an error no code expects, as a
                                    defect would) as the N-th metering request leaves
 
@@ -23,6 +27,7 @@ omnistrate-metering/ other than the marker.
 import itertools
 import os
 import signal
+import time
 
 
 def _limit(name):
@@ -39,14 +44,20 @@ def _stop():
     os.kill(os.getpid(), getattr(signal, os.environ.get("FAULT_SIGNAL", "SIGTERM")))
 
 
+def _hang():
+    _stop()
+    time.sleep(3600)
+
+
 def _defect():
     raise RuntimeError("injected defect")
 
 
 def _install():
     triggers = {
-        "before write": [(_limit("FAULT_KILL_BEFORE_STATE_WRITE"), _die)],
-        "after write": [(_limit("FAULT_KILL_AFTER_STATE_WRITE"), _die), (_limit("FAULT_SIGNAL_AFTER_STATE_WRITE"), _stop)],
+        "before write": [(_limit("FAULT_KILL_BEFORE_STATE_WRITE"), _die), (_limit("FAULT_HANG_BEFORE_STATE_WRITE"), _hang)],
+        "after write": [(_limit("FAULT_KILL_AFTER_STATE_WRITE"), _die), (_limit("FAULT_SIGNAL_AFTER_STATE_WRITE"), _stop),
+                        (_limit("FAULT_HANG_AFTER_STATE_WRITE"), _hang)],
         "batch": [(_limit("FAULT_KILL_AFTER_BATCH"), _die), (_limit("FAULT_SIGNAL_AFTER_BATCH"), _stop)],
         "read": [(_limit("FAULT_SIGNAL_ON_READ"), _stop)],
         "request": [(_limit("FAULT_DEFECT_ON_BATCH"), _defect)],
