@@ -238,9 +238,10 @@ def serve_tls(server: ThreadingHTTPServer, certificate: str, key: str) -> str:
 
 class Pushgateway:
     """A loopback stand-in for a Prometheus Pushgateway: it records every request
-    (method, path, headers, body) and answers ``status`` (200 unless set)."""
+    (method, path, headers, body) and answers ``status`` (200 unless set). ``host`` is
+    the loopback address it listens on (127.0.0.2 can play another host)."""
 
-    def __init__(self) -> None:
+    def __init__(self, host: str = "127.0.0.1") -> None:
         self.requests: list[tuple[str, str, dict[str, str], bytes]] = []
         self.status = 200
         pushgateway = self
@@ -258,7 +259,8 @@ class Pushgateway:
 
             do_PUT = do_POST = do_GET = do_DELETE = _record
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.host = host
+        self.server = ThreadingHTTPServer((host, 0), Handler)
         self.server.daemon_threads = True
         self.scheme = "http"
 
@@ -268,7 +270,7 @@ class Pushgateway:
 
     @property
     def url(self) -> str:
-        return f"{self.scheme}://127.0.0.1:{self.server.server_address[1]}"
+        return f"{self.scheme}://{self.host}:{self.server.server_address[1]}"
 
     def __enter__(self) -> Pushgateway:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()

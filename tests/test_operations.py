@@ -174,6 +174,40 @@ def test_retry_failed_finds_a_conflict_when_someone_else_delivered_the_record(ha
 # --- metrics -----------------------------------------------------------------------------------
 
 
+def files_under(folder: Path) -> dict[str, bytes]:
+    return {str(path): path.read_bytes() for path in sorted(folder.rglob("*")) if path.is_file()}
+
+
+def make_a_conflict(harness, hours) -> dict:
+    """One hour whose record Clazar already holds from someone else: the run records a conflict."""
+    harness.write_hour(hours[0], {"sub-BBBBBBBBBB": [cpu(hours[0], "c-2", "sub-BBBBBBBBBB", 5)]})
+    harness.write_marker(hours.final(1))
+    with harness.clazar.lock:
+        harness.clazar.accepted["c-2", "cpu_core_hours", iso(hours[0])] = {"quantity": "4"}
+    env = {"START_HOUR": iso(hours[0])}
+    result = harness.run(env=env)
+    assert result.returncode == 1 and "Conflict:" in result.output, result.output
+    assert harness.entry()["waiting"] == {iso(hours[0]): {"conflict": 1}}
+    return env
+
+
+@pytest.mark.parametrize("way", ["flag before", "flag after", "variable"])
+def test_a_dry_run_of_conflicts_clear_lists_what_it_would_clear_and_writes_nothing(harness, hours, way):
+    env = make_a_conflict(harness, hours)
+    before = files_under(harness.state_path.parent)
+    arguments = {"flag before": ("--dry-run", "conflicts", "--clear"), "flag after": ("conflicts", "--clear", "--dry-run"),
+                 "variable": ("conflicts", "--clear")}[way]
+    result = harness.run(*arguments, env={**env, **({"DRY_RUN": "true"} if way == "variable" else {})})
+    assert result.returncode == 0, result.output
+    assert "Dry run: would clear the 1 conflict(s) listed; nothing is written" in result.output
+    assert re.search(rf"{iso(hours[0])} +c-2 +cpu_core_hours +5 ", result.output), result.output
+    assert files_under(harness.state_path.parent) == before, result.output
+    assert harness.entry()["waiting"] == {iso(hours[0]): {"conflict": 1}}
+    # Without the dry run, the same command clears it.
+    assert harness.run("conflicts", "--clear", env=env).returncode == 0
+    assert "waiting" not in harness.entry()
+
+
 def test_metrics_after_a_good_run_and_after_a_failed_one(harness, hours, tmp_path):
     metrics = tmp_path / "metering.prom"
     for i in range(3):
@@ -282,6 +316,65 @@ def test_the_pushgateway_grouping_key():
     assert mp.pushgateway_target("https://pg", "a/b") == "https://pg/metrics/job/metering_exporter/instance@base64/YS9i"
 
 
+def test_a_pushgateway_url_refused_by_the_check_is_never_pushed_to(harness, hours):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    with Pushgateway() as gateway, Pushgateway("127.0.0.2") as elsewhere:
+        port = gateway.url.rsplit(":", 1)[1]
+        refused = {
+            # 127.1 is 127.0.0.1 to the resolver, and a host name, not a loopback address, to the check.
+            f"http://metrics:pushgateway-password@127.1:{port}": "unencrypted",
+            # urlsplit reads this as 127.0.0.1 with a password; urllib3 connects to 127.0.0.2.
+            f"http://metrics:pushgateway-password-42@127.0.0.2:{elsewhere.url.rsplit(':', 1)[1]}\\@127.0.0.1:9/":
+                "METRICS_PUSHGATEWAY_URL: must not contain a backslash",
+        }
+        for url, problem in refused.items():
+            result = harness.run(env={"START_HOUR": iso(hours[0]), "METRICS_PUSHGATEWAY_URL": url})
+            assert result.returncode == 2 and "METRICS_PUSHGATEWAY_URL" in result.output, result.output
+            assert problem in result.output
+        # Refused at start-up: never contacted, with or without its password.
+        assert gateway.requests == [] and elsewhere.requests == []
+        # Another variable being the bad one: the checked URL still gets the exit status.
+        result = harness.run(env={"START_HOUR": iso(hours[0]), "METRICS_PUSHGATEWAY_URL": gateway.url,
+                                  "CLAZAR_BATCH_SIZE": "0"})
+        assert result.returncode == 2
+        [(method, _, _, body)] = gateway.requests
+        assert method == "PUT" and parse_metrics(body.decode())["metering_run_exit_status", ""] == 2
+
+
+def test_a_dry_run_with_a_bad_setting_writes_and_pushes_no_metrics(harness, hours, tmp_path):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    metrics = tmp_path / "metering.prom"
+    with Pushgateway() as gateway:
+        env = {"START_HOUR": iso(hours[0]), "METRICS_FILE": str(metrics), "METRICS_PUSHGATEWAY_URL": gateway.url}
+        assert harness.run(env=env).returncode == 0
+        production = metrics.read_text()
+        pushes = len(gateway.requests)
+        # A one-off check with a typo in another setting.
+        for arguments, extra in ((("--dry-run",), {}), (("run", "--dry-run"), {}), ((), {"DRY_RUN": "true"}),
+                                 ((), {"DRY_RUN": "ture"})):
+            result = harness.run(*arguments, env={**env, **extra, "CLAZAR_BATCH_SIZE": "0"})
+            assert result.returncode == 2, result.output
+            assert metrics.read_text() == production, f"{arguments} {extra}: the production metrics were replaced"
+            assert len(gateway.requests) == pushes, f"{arguments} {extra}: a dry run pushed metrics"
+
+
+def test_where_a_refused_configuration_publishes_its_exit_status():
+    import metering_processor as mp
+
+    environ = {"METRICS_FILE": "/m/metering.prom", "METRICS_PUSHGATEWAY_URL": "https://pg:9091/",
+               "METRICS_PUSHGATEWAY_INSTANCE": "prod"}
+    assert mp.metrics_targets_despite_error(environ, None) == ("/m/metering.prom", "https://pg:9091", "prod")
+    assert mp.metrics_targets_despite_error({}, None) == (None, None, None)
+    for dry_run, value in ((True, "false"), (None, "true"), (None, "yes"), (None, "not a flag")):
+        assert mp.metrics_targets_despite_error({**environ, "DRY_RUN": value}, dry_run) is None
+    for refused in ("http://user:password@pushgateway.example:9091", "http://a:1\\@127.0.0.1/", "pushgateway:9091",
+                    "https://pg:99999"):
+        assert mp.metrics_targets_despite_error({**environ, "METRICS_PUSHGATEWAY_URL": refused}, None) == \
+            ("/m/metering.prom", None, "prod")
+
+
 # --- logs ----------------------------------------------------------------------------------------
 
 
@@ -323,6 +416,24 @@ def test_hours_sent_past_the_marketplace_window_are_warned_about(harness):
     assert len(harness.clazar.accepted_keys()) == 3, "late hours are still sent"
 
 
+@pytest.mark.parametrize("command", [("history", "--contract", "c-1"), ("reconcile",), ("conflicts",)])
+def test_the_read_only_commands_name_the_state_and_ledger_they_read(harness, hours, tmp_path, command):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    env = {"START_HOUR": iso(hours[0]), "STATE_FILE_PATH": "./metering_state.json"}
+    assert harness.run(env=env).returncode == 0  # started in the harness folder, as cron does
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    if command[0] == "reconcile":
+        command = (*command, "--from", iso(hours[0]), "--to", iso(hours[0]))
+    process = subprocess.run(harness.command(*command), cwd=elsewhere, capture_output=True, text=True, timeout=120,
+                             env={**harness.env, **env})
+    # Run from another folder, it says where it looked: absolute paths, on stderr, away from the report.
+    assert f"State {elsewhere / 'metering_state.json'} (lock " in process.stderr, process.stderr
+    assert f"ledger {elsewhere / 'metering_ledger'}" in process.stderr
+    assert str(elsewhere) not in process.stdout
+
+
 # --- help and version ----------------------------------------------------------------------------
 
 
@@ -336,7 +447,7 @@ def test_help_lists_every_variable_and_version(harness):
     for command in ("status", "retry-failed", "run"):
         assert command in result.output
     version = harness.run("--version")
-    assert version.returncode == 0 and mp.__version__ in version.output
+    assert version.returncode == 0 and version.output == f"metering_processor.py {mp.__version__}\n"
 
 
 # --- the README's operator commands and the demo ------------------------------------------------
