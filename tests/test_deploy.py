@@ -135,6 +135,37 @@ def test_the_crontab_line_as_written_logs_and_exports_with_the_example_config(ha
     assert (home / "metering_state.json").exists(), "the state is kept in the home folder"
 
 
+def test_the_crontab_line_passes_a_secret_holding_shell_characters_as_written(s3, seaweed, bucket, tmp_path, hours):
+    """config.env is read by /bin/sh: the secret typed over the example's placeholder, as it
+    stands, reaches Clazar unchanged even when it holds $, a backslash, a backquote, a double
+    quote or a space."""
+    from clazar_standin import ClazarStandIn
+    from conftest import Harness
+
+    secret = 'Xk9$Lp2w-7hQ$1\\n`id` "x y"'
+    with ClazarStandIn(client_secret=secret) as standin:
+        harness = Harness(s3, seaweed, bucket, standin, tmp_path / "h")
+        home, logs = tmp_path / "opt" / "metering", tmp_path / "var" / "log" / "metering"
+        home.mkdir(parents=True)
+        logs.mkdir(parents=True)
+        (home / "metering_processor.py").symlink_to(ROOT / "metering_processor.py")
+        link_test_venv(home / ".venv")
+        filled = filled_in((ROOT / "config.env.example").read_text(), {
+            name: value for name, value in harness.env.items()
+            if name not in ("PATH", "HOME", "STATE_FILE_PATH", "PYTHONDONTWRITEBYTECODE", "CLAZAR_CLIENT_SECRET")}
+            | {"START_HOUR": iso(hours[0])})
+        assert "your-clazar-client-secret" in filled
+        (home / "config.env").write_text(filled.replace("your-clazar-client-secret", secret))
+        one_hour_of_usage(harness, hours)
+        command = crontab_line().split(None, 5)[5].replace(HOME, str(home)).replace(LOG_FOLDER, str(logs))
+        result = subprocess.run(["/bin/sh", "-c", command], cwd=home, capture_output=True, text=True, timeout=180,
+                                env={"PATH": "/usr/bin:/bin", "HOME": str(home), "SHELL": "/bin/sh"})
+        log = (logs / "metering.log").read_text()
+        assert result.returncode == 0, log
+        assert len(standin.accepted_keys()) == 4
+        assert secret not in log
+
+
 def test_the_crontab_line_logs_even_when_config_env_is_missing(tmp_path):
     home, log_folder = tmp_path / HOME.lstrip("/"), tmp_path / LOG_FOLDER.lstrip("/")
     home.mkdir(parents=True)
@@ -212,6 +243,18 @@ def test_the_cron_install_steps_work_on_a_fresh_host(tmp_path):
     # The crontab's folders are the ones the steps made.
     command = crontab_line().split(None, 5)[5]
     assert f"cd {HOME} " in command and f">>{LOG_FOLDER}/" in command
+
+
+def test_gitignore_keeps_config_env_and_its_editor_backups_out_but_the_example_in():
+    secret_holders = ["config.env", "config.env~", ".config.env.swp", ".config.env.swo", "config.env.bak",
+                      "config.env.orig", "config.env.save", "config.env.1", "#config.env#", ".#config.env",
+                      "deploy/config.env~"]
+    state = ["metering_state.json", "metering_state.json.lock", "metering_ledger/2026-02-10/a/2026-02-10T14.jsonl"]
+    paths = secret_holders + state + ["config.env.example"]
+    result = subprocess.run(["git", "check-ignore", "--no-index", "--stdin"], cwd=ROOT, input="\n".join(paths) + "\n",
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode in (0, 1), result.stderr
+    assert result.stdout.splitlines() == secret_holders + state, "ignored: all but the example"
 
 
 def test_config_env_example_is_valid_for_the_shell_and_the_exporter(tmp_path):
@@ -439,9 +482,11 @@ def test_pip_install_gives_a_working_metering_processor_command(tmp_path):
     assert installed.returncode == 0, installed.stdout + installed.stderr
     command = venv / "bin" / "metering-processor"
     version = subprocess.run([str(command), "--version"], capture_output=True, text=True, timeout=60)
-    assert version.returncode == 0 and version.stdout.split()[-1] == mp.__version__, version
+    # Named as it was invoked, not as the module's file.
+    assert version.returncode == 0 and version.stdout == f"metering-processor {mp.__version__}\n", version
     usage = subprocess.run([str(command), "--help"], capture_output=True, text=True, timeout=60)
     assert usage.returncode == 0 and "CLAZAR_CLIENT_SECRET_FILE" in usage.stdout
+    assert usage.stdout.startswith("usage: metering-processor ")
     # The script exits with main's code: 2 for a configuration error.
     unconfigured = subprocess.run([str(command)], capture_output=True, text=True, timeout=60, cwd=tmp_path,
                                   env={"PATH": "/usr/bin:/bin"})
@@ -564,7 +609,7 @@ def test_every_alert_reads_metrics_the_exporter_writes(harness, hours, tmp_path)
     for suggested in ("metering_run_exit_status != 0", "time() - metering_last_success_timestamp_seconds > 3 * 3600",
                       "metering_hours_behind > 3", "metering_rejected_records_waiting > 0",
                       "metering_conflicting_records_waiting > 0",
-                      "time() - metering_export_final_before_timestamp_seconds > (3 + 1) * 3600",
+                      "time() - metering_export_final_before_timestamp_seconds > 3 * 3600",
                       "absent(metering_run_timestamp_seconds)", "time() - metering_run_timestamp_seconds"):
         assert suggested in expressions
     metrics_section = readme_section("### Metrics")
