@@ -222,7 +222,8 @@ def test_a_rejected_then_retried_record_reconciles(harness, hours):
     check = harness.run("reconcile", "--from", iso(hours[0]), "--to", iso(hours[0]), env=env)
     assert check.returncode == 0, check.output
     history = json.loads(harness.run("history", "--contract", "c-2", "--json", env=env).output)
-    assert [(line["outcome"], line["quantity"]) for line in history] == [("rejected", 3), ("delivered on retry", 3)]
+    assert [(line["outcome"], line["quantity"]) for line in history] == [
+        ("rejected", 3), ("resending", 3), ("delivered on retry", 3)]
 
 
 def test_history_of_one_contract(harness, hours):
