@@ -2978,10 +2978,13 @@ class Ledger:
                 if first <= hour <= last:
                     yield from self.read_hour(service_key, hour) or []
 
-    def prune(self, keep_days: int, today: datetime) -> int:
-        """Delete day folders older than ``keep_days`` days. Returns how many."""
+    def prune(self, keep_days: int, today: datetime, keep: Iterable[str] = ()) -> int:
+        """Delete day folders older than ``keep_days`` days, except the days in ``keep``
+        (records still wait there). Returns how many were deleted."""
         oldest = _day_folder(today - timedelta(days=keep_days))
-        old = [name for name in self.storage.names("") if _DAY_FOLDER.fullmatch(name) and name < oldest]
+        kept = set(keep)
+        old = [name for name in self.storage.names("")
+               if _DAY_FOLDER.fullmatch(name) and name < oldest and name not in kept]
         for name in old:
             self.storage.delete_folder(name)
         return len(old)
@@ -3240,8 +3243,12 @@ class Exporter:
     def _prune_ledger(self) -> None:
         # Housekeeping after every hour is committed: failing it loses nothing, so
         # it warns instead of failing a run that billed correctly.
+        # Days where rejected records or conflicts still wait are kept: the ledger is
+        # where they wait, and retention must not resolve them silently.
+        waiting = {_day_folder(parse_utc(hour)) for service in self.config.services
+                   for hour in self.book.service(service.key).waiting}
         try:
-            pruned = self.ledger.prune(self.config.ledger_retention_days, self.clock())
+            pruned = self.ledger.prune(self.config.ledger_retention_days, self.clock(), waiting)
         except LedgerError as error:
             log.warning("Could not delete ledger days older than %d days (tried again next run): %s",
                         self.config.ledger_retention_days, error)

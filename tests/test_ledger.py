@@ -263,6 +263,18 @@ def test_ledger_days_past_retention_are_deleted(backend_harness, hours):
     assert records(ledger_lines(harness))
 
 
+def test_ledger_days_where_records_still_wait_are_kept_past_retention(harness, hours):
+    from conftest import fabricate_rejected
+
+    long_ago = hours[0] - timedelta(days=60)
+    fabricate_rejected(harness.state_path, KEY, [long_ago], ["c-9"])
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(hours[0]), "LEDGER_RETENTION_DAYS": "30"})
+    assert result.returncode == 0, result.output
+    assert [line["contract_id"] for line in harness.waiting()] == ["c-9"]
+    assert json.loads(harness.run("status", "--json").output)[0]["rejected_waiting"] == 1
+
+
 def test_a_ledger_day_that_cannot_be_deleted_warns_and_fails_nothing(harness, hours):
     blocked = harness.state_path.parent / "metering_ledger" / "2020-01-01"
     blocked.parent.mkdir(parents=True)
