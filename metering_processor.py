@@ -176,6 +176,8 @@ class RunStopped(BaseException):
     """
 
     exit_code = EXIT_STOPPED
+    # When raised while sending: each record's result, None where no answer came.
+    answered: list = []
 
 
 class StopRequest:
@@ -964,6 +966,10 @@ def oversized_file(listing: HourListing, limit: int) -> str | None:
     return None
 
 
+# The digest of an hour with no export file.
+EMPTY_LISTING = hashlib.sha256().hexdigest()[:32]
+
+
 class ExportSource:
     """Reads the Omnistrate export of one bucket. The only code that touches it.
 
@@ -1563,13 +1569,17 @@ def billable_amounts(usage: HourUsage, formulas: Sequence[Formula]) -> dict[tupl
 
 
 def carry(
-    amounts: Mapping[tuple[str, str], Fraction], remainders: Mapping[tuple[str, str], Fraction]
+    amounts: Mapping[tuple[str, str], Fraction], remainders: Mapping[tuple[str, str], Fraction], limit: int | None = None
 ) -> tuple[dict[tuple[str, str], int], dict[tuple[str, str], Fraction]]:
     """Whole units to bill now, and the fractions carried to the next hour.
 
     quantity = floor(amount + carried remainder); the new remainder is what is left
     (in [0, 1)). Over any run of hours the billed units are the whole part of the
     true total: never more than used, never a full unit short.
+    With a per-record ``limit``, a quantity that exceeds it only because of what
+    was carried in (late usage) is cut to the limit and the rest carried on, to
+    later hours; one whose own hour exceeds it is left as it is, for
+    check_record_quantities to refuse.
     Returns (quantities for the keys of ``amounts`` and for carried remainders of a
     whole unit or more, the remainders that changed).
     """
@@ -1581,10 +1591,24 @@ def carry(
         carried = remainders.get(key, 0)
         total = amount + carried
         whole = math.floor(total)
+        if limit is not None and whole > limit >= math.floor(amount):
+            whole = limit
         quantities[key] = whole
         if total - whole != carried:
             updates[key] = total - whole
     return quantities, updates
+
+
+def billable_remainders(remainders: Mapping[tuple[str, str], Fraction], formulas: Sequence[Formula]
+                        ) -> tuple[dict[tuple[str, str], Fraction], dict[tuple[str, str], Fraction]]:
+    """(the remainders the next hour may bill, the whole units owed to dimensions the
+    configured formulas no longer produce). With no formulas every dimension is billed
+    as it comes, so every remainder may be; with formulas, only their dimensions'."""
+    if not formulas:
+        return dict(remainders), {}
+    names = {formula.name for formula in formulas}
+    billable = {key: value for key, value in remainders.items() if key[1] in names}
+    return billable, {key: value for key, value in remainders.items() if key[1] not in names and value >= 1}
 
 
 def late_usage(accounted: Mapping[tuple[str, str], Fraction], now: Mapping[tuple[str, str], Fraction], carry_more: bool
@@ -1651,7 +1675,13 @@ def metering_records(hour: datetime, cloud: str, quantities: Mapping[tuple[str, 
 
 
 class ClazarError(MeteringError):
-    """A batch could not be delivered; its outcome is unknown and it must be resent."""
+    """A batch could not be delivered; its outcome is unknown and it must be resent.
+
+    Raised by ClazarClient.deliver, it carries ``answered``: each record's result,
+    or None for those of batches without an answer.
+    """
+
+    answered: list[RecordResult | None] = []
 
 
 class ClazarAuthError(ClazarError):
@@ -1741,9 +1771,11 @@ def read_results(records: Sequence[Mapping[str, str]], body: Any, retried: bool 
 
 
 def _was_retried(response: Any) -> bool:
-    """Whether urllib3 sent this request more than once (its Retry keeps a history)."""
+    """Whether urllib3 sent this request more than once after an attempt that may have
+    landed: one with no answer (a connection or read error) or a 5xx. A 429 was
+    refused before anything was processed, so it excuses nothing."""
     retries = getattr(getattr(response, "raw", None), "retries", None)
-    return bool(getattr(retries, "history", ()))
+    return any(entry.error is not None or (entry.status or 0) >= 500 for entry in getattr(retries, "history", ()))
 
 
 def batches(records: Sequence[Any], size: int) -> list[Sequence[Any]]:
@@ -1879,17 +1911,30 @@ class ClazarClient:
         pending, and what landed comes back "already exists" when it is resent.
         """
         STOP.check("before sending")
-        futures = [self._senders.submit(self.submit, batch) for batch in batches(records, self.config.batch_size)]
-        while concurrent.futures.wait(futures, timeout=STOP.POLL_SECONDS).not_done:
-            if STOP.is_set():
-                for future in futures:
-                    future.cancel()
-                concurrent.futures.wait(futures, timeout=STOP.GRACE_SECONDS)
-                if not all(future.done() and not future.cancelled() for future in futures):
-                    STOP.check("while sending; the batches sent so far are resent by the next run")
-        for future in futures:
-            if future.exception() is not None:
-                raise future.exception()
+        parts = batches(records, self.config.batch_size)
+        futures = [self._senders.submit(self.submit, batch) for batch in parts]
+
+        def answered() -> list[RecordResult | None]:
+            return [result for future, batch in zip(futures, parts)
+                    for result in (future.result() if future.done() and not future.cancelled()
+                                   and future.exception() is None else [None] * len(batch))]
+
+        try:
+            while concurrent.futures.wait(futures, timeout=STOP.POLL_SECONDS).not_done:
+                if STOP.is_set():
+                    for future in futures:
+                        future.cancel()
+                    concurrent.futures.wait(futures, timeout=STOP.GRACE_SECONDS)
+                    if not all(future.done() and not future.cancelled() for future in futures):
+                        STOP.check("while sending; the batches sent so far are resent by the next run")
+            for future in futures:
+                if future.exception() is not None:
+                    raise future.exception()
+        except (ClazarError, RunStopped) as failure:
+            # What the answered batches said still counts: a conflict among them must
+            # not turn into "already delivered" when the hour is resent.
+            failure.answered = answered()
+            raise
         return [result for future in futures for result in future.result()]
 
     def close(self) -> None:
@@ -1964,7 +2009,7 @@ class PendingHour:
     sources: str = ""
     # The formulas the amounts were computed with: late usage is compared only
     # under the same formulas.
-    formulas: str = ""
+    formulas: str | None = ""
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -2009,8 +2054,9 @@ class PendingHour:
         return cls(hour, records, _fractions_from_json(data.get("remainders", {}), f"{where}: remainders"),
                    unattributable, _fractions_from_json(data.get("amounts", {}), f"{where}: amounts"),
                    _fractions_from_json(data.get("carried", {}), f"{where}: carried"), sources,
-                   # A pending hour from before formulas were recorded: unknown, never compared.
-                   formulas if isinstance(formulas, str) else UNKNOWN_FORMULAS)
+                   # None: a pending hour of the release that did not record its formulas. It
+                   # was computed moments ago, by the formulas configured now (see _deliver).
+                   formulas if isinstance(formulas, str) else None)
 
 
 def _fractions_to_json(values: Mapping[tuple[str, str], Fraction]) -> dict[str, dict[str, str]]:
@@ -2139,9 +2185,6 @@ def _state_time(entry: Mapping[str, Any], name: str, where: str, kind: str) -> d
     except ValueError:
         raise StateError(f"{where}: {name} {shown_text(text)} is not a UTC {kind} within "
                          f"{format_time(EARLIEST_TIME)} .. {format_time(LATEST_TIME)}") from None
-
-
-UNKNOWN_FORMULAS = "unknown"
 
 
 def formulas_fingerprint(formulas: Sequence[Formula]) -> str:
@@ -2686,6 +2729,8 @@ class LedgerError(StateError):
 
 ACCEPTED_OUTCOMES = (DELIVERED, ALREADY_DELIVERED, "delivered on retry")  # the last is RETRY_DELIVERED
 NOT_SENT = "not sent: zero quantity"
+# A record of a pending hour whose batch had no answer; the resend replaces the line.
+NO_ANSWER = "sent, no answer yet"
 
 
 class LocalLedgerStorage:
@@ -2884,14 +2929,19 @@ def waiting_records(lines: Iterable[Mapping[str, Any]]) -> dict[tuple[str, str],
     for line in lines:
         if line.get("kind") == "record":
             latest[line["contract_id"], line["dimension"]] = line
-    return {key: line for key, line in latest.items() if line.get("outcome") in WAITING_OUTCOMES}
+    return {key: line for key, line in latest.items() if line.get("outcome") in (*WAITING_OUTCOMES, RESENDING)}
+
+
+def waiting_as(line: Mapping[str, Any]) -> str:
+    """What a waiting record waits as: a record being resent is still a rejected one."""
+    return REJECTED if line["outcome"] == RESENDING else line["outcome"]
 
 
 def waiting_counts(lines: Iterable[Mapping[str, Any]]) -> dict[str, int]:
     """{outcome: how many records wait} for one hour's ledger lines."""
     counts: dict[str, int] = {}
     for line in waiting_records(lines).values():
-        counts[line["outcome"]] = counts.get(line["outcome"], 0) + 1
+        counts[waiting_as(line)] = counts.get(waiting_as(line), 0) + 1
     return counts
 
 
@@ -3008,10 +3058,13 @@ class Ledger:
                     STOP.check("while reading the ledger")
                     yield from self.read_hour(service_key, hour) or []
 
-    def prune(self, keep_days: int, today: datetime) -> int:
-        """Delete day folders older than ``keep_days`` days. Returns how many."""
+    def prune(self, keep_days: int, today: datetime, keep: Iterable[str] = ()) -> int:
+        """Delete day folders older than ``keep_days`` days, except the days in ``keep``
+        (records still wait there). Returns how many were deleted."""
         oldest = _day_folder(today - timedelta(days=keep_days))
-        old = [name for name in self.storage.names("") if _DAY_FOLDER.fullmatch(name) and name < oldest]
+        kept = set(keep)
+        old = [name for name in self.storage.names("")
+               if _DAY_FOLDER.fullmatch(name) and name < oldest and name not in kept]
         for name in old:
             self.storage.delete_folder(name)
         return len(old)
@@ -3181,6 +3234,8 @@ class ServiceReport:
     export_final_before: datetime | None = None
     # The oldest hour sent past the marketplace's lateness window, and how late.
     oldest_late_hour: tuple[datetime, timedelta] | None = None
+    # Carried remainders of dimensions the formulas no longer produce, warned about once.
+    unbilled_remainders: int = 0
     # Per hour read: (hour, records without payer or dimension, their subscriptions).
     unattributed: list[tuple[datetime, int, frozenset[str]]] = field(default_factory=list)
     stopped: str | None = None
@@ -3268,8 +3323,12 @@ class Exporter:
     def _prune_ledger(self) -> None:
         # Housekeeping after every hour is committed: failing it loses nothing, so
         # it warns instead of failing a run that billed correctly.
+        # Days where rejected records or conflicts still wait are kept: the ledger is
+        # where they wait, and retention must not resolve them silently.
+        waiting = {_day_folder(parse_utc(hour)) for service in self.config.services
+                   for hour in self.book.service(service.key).waiting}
         try:
-            pruned = self.ledger.prune(self.config.ledger_retention_days, self.clock())
+            pruned = self.ledger.prune(self.config.ledger_retention_days, self.clock(), waiting)
         except LedgerError as error:
             log.warning("Could not delete ledger days older than %d days (tried again next run): %s",
                         self.config.ledger_retention_days, error)
@@ -3291,6 +3350,13 @@ class Exporter:
         report.last_processed_hour = state.last_processed_hour
         if not self.config.dry_run:
             state = self._check_late_usage(service, state, report)
+        now = self.clock()
+        first = first_due_hour(state.last_processed_hour, self.config.start_hour, state.first_hour, now)
+        # Pinned whatever the marker says: a first run that fails on it must not let
+        # the start move on with the clock.
+        decided = marker is not None and marker_error is None and service.key in marker.processed_to \
+            and service.key not in marker.problems
+        state = self._pin(service, state, first, decided)
         if marker_error is not None:
             raise marker_error
         if marker is None and state.hours_by_marker:
@@ -3298,11 +3364,8 @@ class Exporter:
                 f"the export marker s3://{self.config.bucket}/{MARKER_KEY} is missing, but it decided this service's "
                 "hours before: without it no hour can be known final. Restore it (or, if Omnistrate no longer writes "
                 "one, remove hours_by_marker from this service's state entry)")
-        now = self.clock()
         final_before = marker.final_before(service.key, self.config.marker_lag) if marker else None
         report.export_final_before = marker.final_before(service.key) if marker else None
-        first = first_due_hour(state.last_processed_hour, self.config.start_hour, state.first_hour, now)
-        state = self._pin(service, state, first, marker is not None)
         hours = due_hours(first, now, final_before, self.config.max_hours_per_run)
         report.behind = hours_between(first, due_end(now, final_before))
         if not hours:
@@ -3400,10 +3463,18 @@ class Exporter:
 
     def _legacy_hours(self, service: ServiceKey, state: ServiceState, fingerprint: str) -> dict[str, AccountedHour]:
         """The hours an earlier version tracked by file digest only, with their marks rebuilt
-        from the ledger (an hour with no ledger file was billed with nothing)."""
-        return {hour_text: AccountedHour(digest, fingerprint,
-                                         legacy_accounted(self.ledger.read_hour(service.key, parse_utc(hour_text)) or ()))
-                for hour_text, digest in state.legacy_sources.items()}
+        from the ledger. Without a ledger file an hour counts as billed with nothing only if
+        it had no export file either; otherwise its ledger is gone (deleted, or left behind
+        when the state moved), nothing tells what it was billed, and it is not compared."""
+        hours = {}
+        for hour_text, digest in state.legacy_sources.items():
+            lines = self.ledger.read_hour(service.key, parse_utc(hour_text))
+            if lines is None and digest != EMPTY_LISTING:
+                log.warning("Hour %s was billed by an earlier version and its ledger file is missing from %s: it is "
+                            "no longer checked for late usage", hour_text, self.ledger.storage.display)
+                continue
+            hours[hour_text] = AccountedHour(digest, fingerprint, legacy_accounted(lines or ()))
+        return hours
 
     def _read_ahead(self, service: ServiceKey, hours: Sequence[datetime]) -> Iterator[HourUsage]:
         """Each hour's usage, in order, while the next hour is already being read.
@@ -3453,7 +3524,13 @@ class Exporter:
         amounts = billable_amounts(usage, self.config.formulas)
         # Drop the rows before the slow part, sending, while the next hours are read.
         usage.release()
-        quantities, remainders = carry(amounts, state.remainders)
+        billable, unbilled = billable_remainders(state.remainders, self.config.formulas)
+        if unbilled and not report.unbilled_remainders:
+            report.unbilled_remainders = len(unbilled)
+            log.warning("%d carried remainder(s) of a whole unit or more belong to dimensions the formulas no longer "
+                        "produce and are not billed (kept in the state), e.g. contract %s dimension %s: %s",
+                        len(unbilled), *min(unbilled), min(unbilled.items())[1])
+        quantities, remainders = carry(amounts, billable, self.config.max_record_quantity)
         records = metering_records(hour, self.config.cloud, quantities)
         log.info("Aggregated %d records into %d entries", usage.records, len(amounts))
         if usage.repeated:
@@ -3477,6 +3554,8 @@ class Exporter:
         request so that a crash anywhere after it resends exactly these records."""
         STOP.check(f"before hour {display_hour(pending.hour)}"
                    + ("; it stays pending and the next run resends it" if replay else ""))
+        if pending.formulas is None:
+            pending = dataclasses.replace(pending, formulas=formulas_fingerprint(self.config.formulas))
         records = list(pending.records)
         report.unattributable += pending.unattributable
         late_by = self.clock() - (pending.hour + HOUR)
@@ -3501,7 +3580,19 @@ class Exporter:
         results: dict[tuple[str, str], RecordResult] = {}
         if records:
             log.info("Sending %d metering records to Clazar", len(records))
-            for record, result in zip(records, self.clazar.deliver(records)):
+            try:
+                answers = self.clazar.deliver(records)
+            except (ClazarError, RunStopped) as failure:
+                # The hour stays pending; what the answered batches said goes to the ledger
+                # now, so that the resend keeps their record ids and their conflicts.
+                if any(failure.answered):
+                    for record, result in zip(records, failure.answered):
+                        key = (record["contract_id"], record["dimension"])
+                        results[key] = RecordResult(NO_ANSWER) if result is None else \
+                            self._account(record, result, report, replay, earlier.get(key, {}).get("outcome"))
+                    self.ledger.record_hour(service.key, pending, results, earlier, self.clock())
+                raise
+            for record, result in zip(records, answers):
                 key = (record["contract_id"], record["dimension"])
                 results[key] = self._account(record, result, report, replay, earlier.get(key, {}).get("outcome"))
             if all(result.outcome in (DELIVERED, ALREADY_DELIVERED) for result in results.values()):
@@ -3673,7 +3764,7 @@ def retry_failed(config: Config, book: StateBook, ledger: Ledger, clazar: Clazar
                 lines = ledger.read_hour(service.key, when) or []
                 waiting = waiting_records(lines)
                 chosen = [line for line in waiting.values()
-                          if line["outcome"] == REJECTED and (contract is None or line["contract_id"] == contract)]
+                          if waiting_as(line) == REJECTED and (contract is None or line["contract_id"] == contract)]
                 records = [record_of(line, config.cloud) for line in chosen]
                 if clazar is None:
                     log.info("Dry run: would resend %d rejected record(s) of %s for hour %s", len(records),
@@ -3684,14 +3775,26 @@ def retry_failed(config: Config, book: StateBook, ledger: Ledger, clazar: Clazar
                 if records:
                     log.info("Resending %d rejected record(s) of %s for hour %s to Clazar", len(records),
                              service.label, display_hour(when))
+                    # Noted before the send, as a pending hour is: after a crash, a lost answer
+                    # or a stop, "already exists" for these is our own resend landing, not a conflict.
+                    in_flight = [line["outcome"] == RESENDING for line in chosen]
+                    ledger.append(service.key, when, [resending_line(line, clock()) for line in chosen
+                                                      if line["outcome"] != RESENDING])
                     try:
                         results = clazar.deliver(records)
-                    except ClazarError as error:
-                        log.error("%s: %s; the rejected records stay as they were", service.label, error)
+                    except (ClazarError, RunStopped) as failure:
+                        answered = [(line, result, flag) for line, result, flag in zip(chosen, failure.answered, in_flight)
+                                    if result is not None]
+                        ledger.append(service.key, when, [retry_line(service.key, line, result, clock(), flag)
+                                                          for line, result, flag in answered])
+                        if isinstance(failure, RunStopped):
+                            raise
+                        log.error("%s: %s; the records without an answer stay waiting", service.label, failure)
                         code = EXIT_FAILED
                         continue
                     lines = ledger.append(service.key, when, [
-                        retry_line(service.key, line, result, clock()) for line, result in zip(chosen, results)])
+                        retry_line(service.key, line, result, clock(), flag)
+                        for line, result, flag in zip(chosen, results, in_flight)])
                     for line in lines[-len(records):]:
                         if line["outcome"] == REJECTED:
                             log.error("Clazar rejected contract %s dimension %s hour %s quantity %s again: %s",
@@ -3717,11 +3820,23 @@ def retry_failed(config: Config, book: StateBook, ledger: Ledger, clazar: Clazar
 RETRY_DELIVERED = "delivered on retry"
 
 
-def retry_line(service_key: str, line: Mapping[str, Any], result: RecordResult, at: datetime) -> dict[str, Any]:
-    """The ledger line of one resent record."""
+RESENDING = "resending"
+
+
+def resending_line(line: Mapping[str, Any], at: datetime) -> dict[str, Any]:
+    """The ledger line that notes a waiting record is being resent (it still waits)."""
+    return {**{name: line[name] for name in ("service", "contract_id", "dimension", "hour", "quantity")},
+            "kind": "record", "retry": True, "record_id": None, "outcome": RESENDING,
+            "attempts": line.get("attempts", 1), "at": format_time(at)}
+
+
+def retry_line(service_key: str, line: Mapping[str, Any], result: RecordResult, at: datetime,
+               in_flight: bool = False) -> dict[str, Any]:
+    """The ledger line of one resent record. ``in_flight``: an earlier resend of it may have
+    landed (its line said resending), so "already exists" is ours."""
     outcome = result.outcome
     if outcome in (DELIVERED, ALREADY_DELIVERED):
-        outcome = RETRY_DELIVERED if result.outcome == DELIVERED or result.retried else CONFLICT
+        outcome = RETRY_DELIVERED if result.outcome == DELIVERED or result.retried or in_flight else CONFLICT
     retried = {"kind": "record", "retry": True, "service": service_key, "contract_id": line["contract_id"],
                "dimension": line["dimension"], "hour": line["hour"], "quantity": int(line["quantity"]),
                "record_id": result.record_id, "outcome": outcome, "at": format_time(at),
@@ -3806,7 +3921,7 @@ def reconcile_hour(now: Mapping[tuple[str, str], Fraction], lines: Sequence[Mapp
         elif line.get("kind") == "late" and line.get("action") == "carried":
             carried_late[key] = carried_late.get(key, Fraction(0)) + parse_fraction(line["difference"], signed=True)
     waiting = {outcome: {key: int(line["quantity"]) for key, line in waiting_records(lines or ()).items()
-                         if line["outcome"] == outcome} for outcome in WAITING_OUTCOMES}
+                         if waiting_as(line) == outcome} for outcome in WAITING_OUTCOMES}
     compared, after = {}, {}
     for key in sorted(set(now) | set(billed) | set(carried_in) | set(waiting[REJECTED]) | set(waiting[CONFLICT])):
         total = now.get(key, Fraction(0)) - carried_late.get(key, Fraction(0)) + carried_in.get(key, chain.get(key, Fraction(0)))

@@ -222,7 +222,8 @@ def test_a_rejected_then_retried_record_reconciles(harness, hours):
     check = harness.run("reconcile", "--from", iso(hours[0]), "--to", iso(hours[0]), env=env)
     assert check.returncode == 0, check.output
     history = json.loads(harness.run("history", "--contract", "c-2", "--json", env=env).output)
-    assert [(line["outcome"], line["quantity"]) for line in history] == [("rejected", 3), ("delivered on retry", 3)]
+    assert [(line["outcome"], line["quantity"]) for line in history] == [
+        ("rejected", 3), ("resending", 3), ("delivered on retry", 3)]
 
 
 def test_history_of_one_contract(harness, hours):
@@ -260,6 +261,18 @@ def test_ledger_days_past_retention_are_deleted(backend_harness, hours):
         assert not old.parent.exists()
     assert "Deleted 1 day(s) of ledger older than 30 days" in result.output
     assert records(ledger_lines(harness))
+
+
+def test_ledger_days_where_records_still_wait_are_kept_past_retention(harness, hours):
+    from conftest import fabricate_rejected
+
+    long_ago = hours[0] - timedelta(days=60)
+    fabricate_rejected(harness.state_path, KEY, [long_ago], ["c-9"])
+    harness.write_marker(hours.final(1))
+    result = harness.run(env={"START_HOUR": iso(hours[0]), "LEDGER_RETENTION_DAYS": "30"})
+    assert result.returncode == 0, result.output
+    assert [line["contract_id"] for line in harness.waiting()] == ["c-9"]
+    assert json.loads(harness.run("status", "--json").output)[0]["rejected_waiting"] == 1
 
 
 def test_a_ledger_day_that_cannot_be_deleted_warns_and_fails_nothing(harness, hours):

@@ -776,3 +776,37 @@ def test_the_pushgateway_url_is_checked_like_clazars_but_may_carry_basic_auth_ov
         with pytest.raises(mp.ConfigError, match=problem) as error:
             load(url)
         assert error.value.variable == "METRICS_PUSHGATEWAY_URL" and "pw" not in str(error.value)
+
+
+def test_carried_usage_above_the_record_limit_is_billed_over_several_hours():
+    key = ("c-1", "memory_byte_hours")
+    quantities, remainders = mp.carry({}, {key: Fraction(2**31)}, 2**31 - 1)
+    assert quantities == {key: 2**31 - 1} and remainders == {key: 1}
+    quantities, remainders = mp.carry({}, remainders, 2**31 - 1)
+    assert quantities == {key: 1} and remainders == {key: 0}
+    # An hour above the limit on its own is left for check_record_quantities to refuse.
+    assert mp.carry({key: Fraction(2**31)}, {}, 2**31 - 1)[0] == {key: 2**31}
+
+
+def test_remainders_of_dimensions_no_formula_produces_are_not_billed():
+    formula = mp.compile_formula("DIMENSION1_FORMULA", "memory_gib_hours", "memory_byte_hours / 1073741824",
+                                 frozenset(mp.OMNISTRATE_DIMENSIONS))
+    remainders = {("c", "memory_byte_hours"): Fraction(5), ("c", "memory_gib_hours"): Fraction(1, 2),
+                  ("c", "cpu_core_hours"): Fraction(1, 3)}
+    assert mp.billable_remainders(remainders, ()) == (remainders, {})
+    assert mp.billable_remainders(remainders, (formula,)) == (
+        {("c", "memory_gib_hours"): Fraction(1, 2)}, {("c", "memory_byte_hours"): 5})
+
+
+def test_only_attempts_that_may_have_landed_excuse_already_exists():
+    from types import SimpleNamespace
+
+    from urllib3.util.retry import RequestHistory
+
+    def response(*history):
+        return SimpleNamespace(raw=SimpleNamespace(retries=SimpleNamespace(history=history)))
+
+    assert not mp._was_retried(response())
+    assert not mp._was_retried(response(RequestHistory("POST", "/", None, 429, None)))
+    assert mp._was_retried(response(RequestHistory("POST", "/", None, 502, None)))
+    assert mp._was_retried(response(RequestHistory("POST", "/", OSError("reset"), None, None)))
