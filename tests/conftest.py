@@ -142,6 +142,15 @@ class Harness:
         output, _ = process.communicate(timeout=timeout)
         return Result(process.returncode, output)
 
+    def report(self, *arguments: str, env: dict | None = None, timeout: float = 180) -> Result:
+        """Run a reporting command (status, conflicts, history, reconcile) and keep what it
+        prints on stdout, the report alone: its log (where the state and ledger are) goes to
+        stderr, which a script reading the report does not see."""
+        environment = {key: value for key, value in {**self.env, **(env or {})}.items() if value is not None}
+        process = subprocess.run(self.command(*arguments), env=environment, cwd=self.folder, capture_output=True,
+                                 text=True, timeout=timeout)
+        return Result(process.returncode, process.stdout)
+
     # --- data ----------------------------------------------------------------
 
     def write_hour(self, hour: datetime, files: dict, service=SERVICE) -> list[str]:

@@ -179,7 +179,7 @@ def test_already_exists_on_a_first_send_is_a_loud_conflict_never_a_delivery(harn
     assert f'metering_service_up{{service="{KEY}"}} 0' in text
     status = harness.run("status", env=env)
     assert "conflicts:             1 waiting" in status.output
-    listed = harness.run("conflicts", "--json", env=env)
+    listed = harness.report("conflicts", "--json", env=env)
     assert listed.returncode == 0 and [line["contract_id"] for line in json.loads(listed.output)] == ["c-2"]
     reconcile = harness.run("reconcile", "--from", iso(hours[0]), "--to", iso(hours[1]), env=env)
     assert reconcile.returncode == 1 and "(3 in conflict, see conflicts)" in reconcile.output

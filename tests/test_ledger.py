@@ -103,7 +103,8 @@ def test_a_clean_month_reconciles_to_zero_differences(harness, hours_month):
     env = {"START_HOUR": iso(hours[0]), "MAX_HOURS_PER_RUN": str(count), **GIB_HOURS}
     result = harness.run(env=env, timeout=600)
     assert result.returncode == 0, result.output[-2000:]
-    check = harness.run("reconcile", "--from", iso(hours[0]), "--to", iso(hours[count - 1]), "--json", env=env, timeout=600)
+    check = harness.report("reconcile", "--from", iso(hours[0]), "--to", iso(hours[count - 1]), "--json", env=env,
+                           timeout=600)
     assert check.returncode == 0, check.output[-3000:]
     report = json.loads(check.output)
     assert report["differences"] == []
@@ -113,7 +114,7 @@ def test_a_clean_month_reconciles_to_zero_differences(harness, hours_month):
     assert rows["c-1", "cpu_core_hours"]["billed"] == 2 * count
     text = harness.run("reconcile", "--from", iso(hours[0]), "--to", iso(hours[count - 1]), env=env, timeout=600)
     assert text.returncode == 0 and "Everything matches." in text.output
-    csv = harness.run("reconcile", "--from", iso(hours[0]), "--to", iso(hours[count - 1]), "--csv", env=env, timeout=600)
+    csv = harness.report("reconcile", "--from", iso(hours[0]), "--to", iso(hours[count - 1]), "--csv", env=env, timeout=600)
     assert csv.output.splitlines()[0] == "service,contract_id,dimension,expected,billed,difference,rejected,conflict"
     assert f"{KEY},c-1,cpu_core_hours,{2 * count},{2 * count},0,0" in csv.output
 
@@ -211,7 +212,7 @@ def test_a_rejected_then_retried_record_reconciles(harness, hours):
     harness.write_marker(hours.final(1))
     env = {"START_HOUR": iso(hours[0])}
     assert harness.run(env=env).returncode == 1
-    check = harness.run("reconcile", "--from", iso(hours[0]), "--to", iso(hours[0]), "--json", env=env)
+    check = harness.report("reconcile", "--from", iso(hours[0]), "--to", iso(hours[0]), "--json", env=env)
     assert check.returncode == 1
     assert json.loads(check.output)["differences"] == [{
         "service": KEY, "contract_id": "c-2", "dimension": "cpu_core_hours", "hour": iso(hours[0]),
@@ -221,7 +222,7 @@ def test_a_rejected_then_retried_record_reconciles(harness, hours):
     assert harness.run("retry-failed", env=env).returncode == 0
     check = harness.run("reconcile", "--from", iso(hours[0]), "--to", iso(hours[0]), env=env)
     assert check.returncode == 0, check.output
-    history = json.loads(harness.run("history", "--contract", "c-2", "--json", env=env).output)
+    history = json.loads(harness.report("history", "--contract", "c-2", "--json", env=env).output)
     assert [(line["outcome"], line["quantity"]) for line in history] == [
         ("rejected", 3), ("resending", 3), ("delivered on retry", 3)]
 
@@ -236,7 +237,7 @@ def test_history_of_one_contract(harness, hours):
     assert text.returncode == 0, text.output
     assert text.output.count("cpu_core_hours") == 2 and "c-other" not in text.output and "replica_hours" not in text.output
     assert "5 unit(s) billed" in text.output
-    assert harness.run("history", "--contract", "c-unknown").output.startswith("Nothing in the ledger")
+    assert harness.report("history", "--contract", "c-unknown").output.startswith("Nothing in the ledger")
 
 
 def test_ledger_days_past_retention_are_deleted(backend_harness, hours):
