@@ -56,7 +56,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Callable
-from urllib.parse import urlsplit
+from urllib.parse import quote, quote_plus, urlsplit
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 __version__ = "1.0.0"
@@ -79,8 +79,9 @@ class MeteringError(Exception):
 
 # Characters that could end a log line, move the cursor or restyle a terminal, or
 # reorder what is shown: C0 and C1 controls, DEL, Unicode line and paragraph
-# separators and bidirectional overrides.
-CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069]")
+# separators and bidirectional overrides; and lone surrogates, which JSON can
+# carry (\\ud800) but no UTF-8 stream can write.
+CONTROL_CHARACTERS = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029\u202a-\u202e\u2066-\u2069\ud800-\udfff]")
 
 
 def escape_control(text: str) -> str:
@@ -1161,11 +1162,11 @@ def _export_number(record: Mapping[str, Any], name: str, where: str) -> int | Fr
 
 def billing_name_problem(text: str) -> str | None:
     """What is wrong with a contract id or dimension, or None: at most MAX_NAME_LENGTH
-    characters and no control characters."""
+    characters, no control characters and no lone surrogates."""
     if len(text) > MAX_NAME_LENGTH:
         return f"is {len(text)} characters long, more than {MAX_NAME_LENGTH}"
     if CONTROL_CHARACTERS.search(text):
-        return f"{shown_text(text)} holds control characters"
+        return f"{escape_control(shown_text(text))} holds control characters or lone surrogates"
     return None
 
 
@@ -1506,6 +1507,7 @@ def _checked(node: ast.AST, variable: str, source: str, names: frozenset[str], d
 
 
 _DIMENSION_VARIABLE = re.compile(r"^DIMENSION([1-9][0-9]*)_(NAME|FORMULA)$")
+MAX_DIMENSION_NUMBER = 999
 _DIMENSION_NAME = re.compile(r"^[A-Za-z0-9_.:-]{1,100}$")
 
 
@@ -1519,6 +1521,11 @@ def load_formulas(environ: Mapping[str, str], source_dimensions: Sequence[str]) 
     for variable, value in environ.items():
         match = _DIMENSION_VARIABLE.match(variable)
         if match and value.strip():
+            # Compared as text first: int() refuses numbers of more than 4,300 digits.
+            if len(match.group(1)) > len(str(MAX_DIMENSION_NUMBER)) or int(match.group(1)) > MAX_DIMENSION_NUMBER:
+                raise ConfigError(escape_control(variable[:40]) + ("..." if len(variable) > 40 else ""),
+                                  f"numbers its dimension beyond {MAX_DIMENSION_NUMBER}; use DIMENSION1_ to "
+                                  f"DIMENSION{MAX_DIMENSION_NUMBER}_")
             pairs.setdefault(int(match.group(1)), {})[match.group(2)] = value.strip()
     names = frozenset(source_dimensions) | {dimension + PRICE_SUFFIX for dimension in source_dimensions}
     formulas: list[Formula] = []
@@ -1741,10 +1748,11 @@ def classify_result(record: Mapping[str, str], entry: Any) -> RecordResult:
         raise ClazarError(f"result entry is a JSON {type(entry).__name__}, not an object")
     for name in ("contract_id", "dimension"):
         if entry.get(name) not in (None, record[name]):
-            raise ClazarError(f"result entry echoes {name} {entry.get(name)!r} for a record with {record[name]!r}")
+            raise ClazarError(f"result entry echoes {name} {shown_text(mask_value(entry.get(name)))} "
+                              f"for a record with {shown_text(record[name])}")
     record_id = entry.get("id")
-    # Kept in the state and the ledger: a string, and of a sane length, or nothing.
-    record_id = record_id[:200] if isinstance(record_id, str) else None
+    # Kept in the state and the ledger: a string, masked, then cut to a sane length, or nothing.
+    record_id = mask_secrets(record_id)[:200] if isinstance(record_id, str) else None
     if entry.get("status") == "success":
         return RecordResult(DELIVERED, record_id)
     text = " ".join(_answer_texts(entry)).lower()
@@ -1786,12 +1794,18 @@ def _retry_policy(config: Config) -> Any:
     """urllib3's Retry: connection errors, timeouts, 429 and 5xx, exponential backoff
     with jitter, Retry-After honoured up to a cap. POST is included on purpose: a
     record that landed before the answer was lost comes back as a duplicate."""
+    from urllib3.exceptions import InvalidHeader
     from urllib3.util.retry import Retry
 
     class CappedRetry(Retry):
-        # A server asking for a longer wait than the cap must not stall the run.
+        # A server asking for a longer wait than the cap must not stall the run; one
+        # whose Retry-After cannot be read (5,000 digits are too many for int())
+        # gets the cap too, rather than an error urllib3 does not expect.
         def parse_retry_after(self, retry_after: str) -> float:
-            return min(super().parse_retry_after(retry_after), config.retry_after_max_seconds)
+            try:
+                return min(super().parse_retry_after(retry_after), config.retry_after_max_seconds)
+            except (ValueError, OverflowError, InvalidHeader):
+                return config.retry_after_max_seconds
 
         # Jitter keeps concurrent batches from retrying in step. It is added here
         # rather than with backoff_jitter, which urllib3 1.26 (the one botocore
@@ -1823,6 +1837,94 @@ def _retry_policy(config: Config) -> Any:
     )
 
 
+class DeadlinePassed(Exception):
+    """A call abandoned by within_deadline."""
+
+
+def within_deadline(call: Callable[[], Any], seconds: float, where: str) -> Any:
+    """``call()``'s result, or DeadlinePassed after ``seconds``, or RunStopped (naming
+    ``where``) StopRequest.GRACE_SECONDS after a stop is asked for.
+
+    The call runs on a daemon thread of its own so that it can be abandoned; it
+    ends with the process. Whatever the call raises is raised here.
+    """
+    outcome: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = call()
+        except BaseException as error:  # handed over to the waiting thread
+            outcome["error"] = error
+
+    worker = threading.Thread(target=run, name="bounded-call", daemon=True)
+    worker.start()
+    ends = time.monotonic() + seconds
+    while worker.is_alive():
+        now = time.monotonic()
+        if STOP.is_set():
+            ends = min(ends, now + StopRequest.GRACE_SECONDS)
+        if now >= ends:
+            STOP.check(where)
+            raise DeadlinePassed(where)
+        worker.join(min(StopRequest.POLL_SECONDS, ends - now))
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
+
+
+def bounded_request(session: Any, method: str, url: str, limit: int, **arguments: Any) -> tuple[int, bytes, Any]:
+    """(status, body, response) of one HTTP request, reading at most ``limit`` + 1
+    bytes of the body: a longer one is cut there, for the caller to refuse.
+
+    No redirect is followed, the answer is asked for uncompressed (a compressed one
+    could expand far beyond ``limit``), and a plain-http URL, which the configuration
+    allows only on loopback, never goes through a proxy: one named by http_proxy or
+    all_proxy would receive the client secret and the token in clear. Raises OSError
+    (requests' and urllib3's errors are turned into it).
+    """
+    import requests
+    from urllib3.exceptions import HTTPError
+
+    arguments["headers"] = {**arguments.get("headers", {}), "Accept-Encoding": "identity"}
+    proxies = {"http": None, "all": None} if url.lower().startswith("http://") else None
+    try:
+        response = session.request(method, url, allow_redirects=False, stream=True, proxies=proxies, **arguments)
+        try:
+            body = response.raw.read(limit + 1, decode_content=False)
+        finally:
+            response.close()
+    except (requests.RequestException, HTTPError) as error:
+        raise OSError(f"{type(error).__name__}: {error}") from None
+    return response.status_code, body, response
+
+
+# urllib3's own cap on the backoff between two retries.
+BACKOFF_MAX_SECONDS = 120.0
+# The largest answer read from Clazar: a batch's results take a few hundred bytes
+# per record. A larger answer is refused, not read into memory whole.
+MAX_ANSWER_BYTES = 16 * 2**20
+
+
+@dataclass(frozen=True)
+class ClazarAnswer:
+    status: int
+    body: bytes
+    retried: bool  # see _was_retried
+
+
+def answer_deadline(config: Config) -> float:
+    """How long one exchange with Clazar, its retries and waits included, may take in all.
+
+    The read timeout bounds each wait for a byte, not the answer: a server sending
+    one byte a second would hold the run (and its lock) forever. Each attempt gets
+    its connect timeout and twice its read timeout, each wait between attempts
+    the longest urllib3 may take.
+    """
+    attempt = min(10.0, config.timeout_seconds) + 2 * config.timeout_seconds
+    wait = max(config.retry_after_max_seconds, BACKOFF_MAX_SECONDS) + config.backoff_seconds
+    return (config.max_retries + 1) * attempt + config.max_retries * wait
+
+
 class ClazarClient:
     """Talks to Clazar over one keep-alive session. Tokens never reach the log."""
 
@@ -1843,24 +1945,36 @@ class ClazarClient:
         self._token_expires = 0.0
         self._lock = threading.Lock()
 
-    def _post(self, url: str, payload: Any, token: str | None = None) -> Any:
-        import requests
+    def _post(self, url: str, payload: Any, token: str | None = None) -> ClazarAnswer:
+        """POST ``payload`` to ``url`` and return the answer, read whole and bounded.
 
+        The exchange runs on a thread of its own so that it can be abandoned: after
+        answer_deadline(config), or StopRequest.GRACE_SECONDS after a stop. The
+        abandoned thread is a daemon and ends with the process; whatever it still
+        lands comes back "already exists" when the pending hour is resent.
+
+        Raises ClazarError when no complete answer came, or RunStopped.
+        """
+        deadline = answer_deadline(self.config)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
-            return self.session.post(
-                url,
-                data=json.dumps(payload),
-                headers=headers,
-                timeout=(min(10.0, self.config.timeout_seconds), self.config.timeout_seconds),
-                allow_redirects=False,
-            )
-        except requests.RequestException as error:
+            status, body, response = within_deadline(
+                lambda: bounded_request(self.session, "POST", url, MAX_ANSWER_BYTES, data=json.dumps(payload),
+                                        headers=headers, timeout=(min(10.0, self.config.timeout_seconds),
+                                                                  self.config.timeout_seconds)),
+                deadline, "while waiting for Clazar's answer; the hour is resent by the next run")
+        except DeadlinePassed:
+            raise ClazarError(f"no complete answer from {url} within {deadline:.0f} s (see CLAZAR_TIMEOUT_SECONDS "
+                              "and CLAZAR_MAX_RETRIES); the request was abandoned") from None
+        except OSError as error:
             raise ClazarError(
                 f"no answer from {url} after {self.config.max_retries} retries: {type(error).__name__}: {error}"
             ) from None
+        if len(body) > MAX_ANSWER_BYTES:
+            raise ClazarError(f"Clazar's answer from {url} is larger than {MAX_ANSWER_BYTES} bytes; it was not read")
+        return ClazarAnswer(status, body, _was_retried(response))
 
     def token(self) -> str:
         """A valid access token, authenticating when there is none or it is about to expire."""
@@ -1871,13 +1985,13 @@ class ClazarClient:
                 self.config.auth_url,
                 {"client_id": self.config.client_id, "client_secret": self.config.client_secret},
             )
-            if response.status_code != 200:
+            if response.status != 200:
                 raise ClazarAuthError(
-                    f"Clazar refused authentication at {self.config.auth_url}: HTTP {response.status_code}; "
+                    f"Clazar refused authentication at {self.config.auth_url}: HTTP {response.status}; "
                     "check CLAZAR_CLIENT_ID and CLAZAR_CLIENT_SECRET"
                 )
             try:
-                body = parse_json(response.content)
+                body = parse_json(response.body)
                 token = body["access_token"]
                 # A lifetime beyond a day, or not finite, is taken as a day.
                 lifetime = min(float(body.get("expires_in") or 3600), 86400.0)
@@ -1952,17 +2066,18 @@ class ClazarClient:
         STOP.check("before sending a batch")
         token = self.token()
         response = self._post(self.config.api_url, {"request": list(records)}, token)
-        retried = _was_retried(response)
-        if response.status_code == 401:
+        retried = response.retried
+        if response.status == 401:
             log.info("Clazar answered 401; authenticating again")
             self.forget_token(token)
             response = self._post(self.config.api_url, {"request": list(records)}, self.token())
-            retried = retried or _was_retried(response)
-        if response.status_code != 200:
-            body = mask_secrets(escape_control(response.content[:300].decode("utf-8", "replace")))
-            raise ClazarError(f"Clazar answered HTTP {response.status_code} to {len(records)} records: {body}")
+            retried = retried or response.retried
+        if response.status != 200:
+            # Masked whole, then cut: a secret or an address straddling the cut is masked, not kept in part.
+            body = escape_control(mask_secrets(response.body.decode("utf-8", "replace")))[:300]
+            raise ClazarError(f"Clazar answered HTTP {response.status} to {len(records)} records: {body}")
         try:
-            body = parse_json(response.content)
+            body = parse_json(response.body)
         except ValueError as error:
             raise ClazarError(f"Clazar answered 200 with a body that {error}") from None
         return read_results(records, body, retried)
@@ -2478,6 +2593,21 @@ def make_private_folders(path: str) -> None:
             os.mkdir(folder, 0o700)
 
 
+def read_regular_file(path: str) -> bytes:
+    """The whole content of the regular file at ``path``.
+
+    Opened without blocking and checked before it is read: a FIFO or a device put
+    where a file belongs would otherwise hold the run (and its lock) forever.
+    Raises FileNotFoundError if nothing is there, IsADirectoryError naming what is
+    there instead of a file, or OSError.
+    """
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    with os.fdopen(descriptor, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+            raise IsADirectoryError(errno.EISDIR, "not a regular file (a folder, FIFO, socket or device)")
+        return handle.read()
+
+
 def _write_lock_owner(handle: io.TextIOBase) -> None:
     handle.seek(0)
     handle.truncate()
@@ -2518,9 +2648,16 @@ class LocalStateStore:
                 raise StateError(f"lock file {lock_path} is a symbolic link; it was not opened through it. "
                                  "Remove the link (no run uses it) and run again") from None
             raise StateError(f"cannot open lock file {lock_path}: {error.strerror}") from None
-        if not stat.S_ISREG(os.fstat(descriptor).st_mode):
+        status = os.fstat(descriptor)
+        if not stat.S_ISREG(status.st_mode):
             os.close(descriptor)
             raise StateError(f"lock file {lock_path} is not a regular file; remove it and run again")
+        # A second name for the lock file (a hard link) would let the owner record
+        # written into it overwrite whatever file that name stands for.
+        if status.st_nlink != 1:
+            os.close(descriptor)
+            raise StateError(f"lock file {lock_path} has {status.st_nlink} names (hard links); it was not "
+                             "written. Remove it (no run uses it) and run again")
         handle = os.fdopen(descriptor, "r+")
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -2543,8 +2680,7 @@ class LocalStateStore:
     def load(self) -> dict[str, Any]:
         """The document, or {} if there is no state file yet. Raises StateError."""
         try:
-            with open(self.path, "rb") as handle:
-                body = handle.read()
+            body = read_regular_file(self.path)
         except FileNotFoundError:
             return {}
         except OSError as error:
@@ -2740,8 +2876,7 @@ class LocalLedgerStorage:
 
     def read(self, name: str) -> bytes | None:
         try:
-            with open(os.path.join(self.root, name), "rb") as handle:
-                return handle.read()
+            return read_regular_file(os.path.join(self.root, name))
         except FileNotFoundError:
             return None
         except OSError as error:
@@ -2912,8 +3047,16 @@ def ledger_line_problem(line: Any) -> str | None:
                     parse_fraction(line[name])
         elif line["kind"] == "late":
             parse_fraction(line.get("difference"), signed=True)
-            if not isinstance(line.get("action"), str):
-                return "has no action string"
+            if line.get("action") not in ("carried", "reported"):
+                return f"has action {shown_text(line.get('action'))}, not carried or reported"
+            # What a late line says was billed lives in record lines only.
+            if "quantity" in line or "outcome" in line:
+                return "is a late line with a quantity or an outcome, which only record lines have"
+            if "accounted_before" in line:
+                parse_fraction(line["accounted_before"])
+            check = line.get("check", 0)
+            if type(check) is not int or not 0 <= check < 10**9:
+                return f"has check {shown_text(check)}, not a count"
     except ValueError as error:
         return str(error)
     return None
@@ -3080,27 +3223,35 @@ class Ledger:
 # elsewhere: the client secret and every access token it was given (registered
 # with ``redact``), anything shaped like a token, a password in a URL, and e-mail
 # addresses (export files carry customers' addresses).
+#
+# Every pattern runs in time linear in the text, whatever the text: a match can
+# start only where a run of its characters starts (the lookbehinds), so a long run
+# without an ending ("aaaa...", "-eyJ-eyJ...") is scanned once, not once from each
+# of its characters.
 _SECRETS: set[str] = set()
 _MASKS = (
     (re.compile(r"(?<=://)[^/\s@]+@"), "[userinfo]@"),
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
-    (re.compile(r"\beyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[redacted]"),
+    (re.compile(r"(?<![A-Za-z0-9_-])eyJ[A-Za-z0-9_-]+\.[A-Za-z0-9_-]+\.[A-Za-z0-9_-]*"), "[redacted]"),
     (re.compile(r"""(?i)((?:access_token|refresh_token|id_token|token|client_secret|secret|password)["']?\s*[:=]\s*["']?)"""
                 r"""[^"'\s,;&}]+"""), r"\1[redacted]"),
-    (re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[email]"),
+    (re.compile(r"(?<![A-Za-z0-9._%+-])[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}"), "[email]"),
 )
 MASKED_TEXT_LIMIT = 1000
 
 
 def redact(secret: str | None) -> None:
-    """Mask ``secret`` in everything written or printed from now on."""
+    """Mask ``secret`` in everything written or printed from now on, as it is and as
+    it appears inside a JSON string or a URL (an error body that echoes it)."""
     if secret and len(secret) >= 4:
-        _SECRETS.add(secret)
+        _SECRETS.update({secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
+                         quote(secret, safe=""), quote_plus(secret, safe="")})
 
 
 def mask_secrets(text: str) -> str:
     """``text`` with the registered secrets, tokens, URL passwords and e-mail addresses masked."""
-    for secret in _SECRETS:
+    # Longest first: a secret's escaped form holds the secret's own prefix.
+    for secret in sorted(_SECRETS, key=len, reverse=True):
         if secret in text:
             text = text.replace(secret, "[redacted]")
     for pattern, replacement in _MASKS:
@@ -3110,7 +3261,8 @@ def mask_secrets(text: str) -> str:
 
 def mask_value(value: Any, depth: int = 0) -> Any:
     """A JSON value from elsewhere (a Clazar answer, an error), fit to store and show:
-    every string masked with mask_secrets and cut to MASKED_TEXT_LIMIT characters,
+    every string masked with mask_secrets, then cut to MASKED_TEXT_LIMIT characters
+    (in that order: a secret straddling the cut is masked whole, not kept in part),
     at most 50 items per list or object and 8 levels, numbers kept."""
     if value is None or isinstance(value, (bool, int, float)):
         return value
@@ -3121,7 +3273,7 @@ def mask_value(value: Any, depth: int = 0) -> Any:
                 for key, item in itertools.islice(value.items(), 50)}
     if isinstance(value, (list, tuple)):
         return [mask_value(item, depth + 1) for item in value[:50]]
-    return mask_secrets(str(value)[:MASKED_TEXT_LIMIT])
+    return mask_secrets(str(value))[:MASKED_TEXT_LIMIT]
 
 
 class _Redactor(logging.Filter):
@@ -4428,17 +4580,20 @@ def push_metrics(url: str, instance: str | None, text: str) -> None:
     target = pushgateway_target(url, instance)
     parts = urlsplit(target)
     shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # never a password in the log
+    # Shorter after a stop, which must end within seconds.
+    timeout = (1.0, 2.0) if STOP.is_set() else (3.0, 5.0)
     try:
-        # Shorter after a stop, which must end within seconds.
-        timeout = (1.0, 2.0) if STOP.is_set() else (3.0, 5.0)
-        response = requests.put(target, data=text.encode("utf-8"), timeout=timeout, allow_redirects=False,
-                                headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
-    except requests.RequestException as error:
+        with requests.Session() as session:
+            status, body, _ = within_deadline(
+                lambda: bounded_request(session, "PUT", target, 4096, data=text.encode("utf-8"), timeout=timeout,
+                                        headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}),
+                sum(timeout) * 2, "while pushing the metrics")
+    except (OSError, DeadlinePassed, RunStopped) as error:
         log.warning("Could not push the metrics to %s: %s: %s", shown, type(error).__name__, error)
         return
-    if not 200 <= response.status_code < 300:
-        log.warning("Could not push the metrics to %s: HTTP %d: %s", shown, response.status_code,
-                    response.text[:200].replace("\n", " "))
+    if not 200 <= status < 300:
+        log.warning("Could not push the metrics to %s: HTTP %d: %s", shown, status,
+                    escape_control(mask_secrets(body[:200].decode("utf-8", "replace"))))
         return
     log.debug("Pushed the metrics to %s", shown)
 

@@ -262,7 +262,10 @@ def use_ledger(body: bytes):
 
 
 valid_lines = st.lists(st.sampled_from(LEDGER_LINES), max_size=3).map(lambda lines: [json.dumps(line) for line in lines])
-ledger_files = st.tuples(valid_lines, st.one_of(*(mutated(line) for line in LEDGER_LINES))).map(
+# A line of one kind with a field of another (a late line with a record's quantity).
+grafted = st.tuples(st.sampled_from(LEDGER_LINES), st.sampled_from(LEDGER_LINES)).map(
+    lambda t: json.dumps({**t[0], **{name: t[1][name] for name in t[1] if name not in t[0]}}))
+ledger_files = st.tuples(valid_lines, st.one_of(grafted, *(mutated(line) for line in LEDGER_LINES))).map(
     lambda parts: as_bytes("\n".join([*parts[0], parts[1]]) + "\n"))
 
 
@@ -270,6 +273,13 @@ ledger_files = st.tuples(valid_lines, st.one_of(*(mutated(line) for line in LEDG
 @given(st.one_of(st.binary(max_size=500), export_texts.map(as_bytes), ledger_files))
 def test_ledger(body):
     returns_or_refuses(use_ledger, body)
+
+
+@pytest.mark.parametrize("late", [{"quantity": "7", "outcome": "delivered"}, {"quantity": 7}, {"action": "billed"},
+                                  {"accounted_before": "-1"}, {"check": "2"}])
+def test_a_late_line_with_what_only_a_record_line_has_or_a_bad_field_is_refused(late):
+    assert mp.ledger_line_problem({**LEDGER_LINES[2], **late})
+    assert mp.ledger_line_problem(LEDGER_LINES[2]) is None
 
 
 def test_the_valid_ledger_lines_used_for_mutations_are_valid():
@@ -332,3 +342,35 @@ def test_parse_json_raises_only_value_error(body):
             mp.parse_json(body)
         except ValueError as error:
             assert str(error).startswith(("is ", "holds the field"))
+
+
+# --- the masker --------------------------------------------------------------------------------------------
+
+# Texts built to make a backtracking pattern try every start: long runs of the
+# characters a pattern's first part takes, with no ending it can match.
+MASKER_TEXTS = ["a" * 400_000, "a" * 400_000 + "@", "-eyJ" * 100_000, "eyJ" + "a" * 400_000 + ".",
+                "://" + "a" * 400_000, "a@" * 200_000, "x@" + "a." * 200_000 + "1", "token" + " " * 400_000,
+                ("bearer " * 60_000)]
+
+
+@pytest.mark.parametrize("text", MASKER_TEXTS, ids=lambda text: repr(text[:8]) + f"*{len(text)}")
+def test_masking_a_long_text_is_linear(text):
+    # 400,000 characters: milliseconds when linear, hours when quadratic.
+    with time_bound():
+        mp.mask_secrets(text)
+
+
+@FUZZ
+@given(st.text(alphabet=st.sampled_from("aZ09._%+-@:/ \"'=eyJ.\\"), max_size=2000),
+       st.text(alphabet=st.characters(blacklist_categories=("Cs",)), min_size=8, max_size=40))
+def test_a_registered_secret_is_masked_in_any_form_a_body_may_hold_it(noise, secret):
+    mp.redact(secret)
+    try:
+        for form in (secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1]):
+            with time_bound():
+                masked = mp.mask_secrets(noise + form + noise)
+            # mask_value masks, then cuts: the secret is not kept in part at any cut.
+            cut = mp.mask_value(noise + form + noise)
+            assert form not in masked and form not in cut
+    finally:
+        mp._SECRETS.clear()

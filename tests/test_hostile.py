@@ -393,3 +393,95 @@ def test_an_unexpected_error_fails_only_its_service_and_the_metrics_are_written(
     assert harness.run(env=env).returncode == 0
     assert harness.clazar.accepted_quantities()[("c-1", "cpu_core_hours", iso(hours[0]))] == 2
     assert os.path.exists(harness.folder / "metering.prom")
+
+
+# --- text that cannot be written, ledger lines and variables, files, hangs from data ------------------
+
+
+def one_hour(harness, hours):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    return {"START_HOUR": iso(hours[0])}
+
+
+def run_or_kill(harness, env, timeout):
+    """Run the script; (ended by itself, exit code, output)."""
+    process = harness.popen(env=env)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return True, process.returncode, output
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        return False, process.returncode, output
+
+
+def test_a_contract_id_with_a_lone_surrogate_fails_its_hour(harness, hours):
+    contract = "c-\ud800"
+    body = json.dumps([{"externalPayerId": contract, "dimension": "cpu_core_hours", "value": 2}]).encode()
+    key = harness.write_hour(hours[0], {"sub-AAAAAAAAAA": body})[0]
+    harness.write_marker(hours.final(1))
+    harness.clazar.rejected_contracts[contract] = "unknown contract"
+    result = harness.run(env={"START_HOUR": iso(hours[0]), "CLAZAR_MAX_RETRIES": "0"})
+    assert "Traceback" not in result.output and "Logging error" not in result.output, result.output
+    assert result.returncode == 1, result.output
+    assert key in result.output and "externalPayerId" in result.output, result.output
+    assert harness.clazar.metering_calls == 0
+
+
+
+
+def test_history_names_a_bad_late_line_instead_of_failing_as_a_defect(harness, hours):
+    env = one_hour(harness, hours)
+    assert harness.run(env=env).returncode == 0
+    ledger_file = harness.state_path.parent / "metering_ledger" / mp.Ledger.hour_file(KEY, hours[0])
+    late = {"kind": "late", "service": KEY, "contract_id": "c-1", "dimension": "cpu_core_hours", "hour": iso(hours[0]),
+            "difference": "1", "action": "reported", "outcome": "delivered", "quantity": "7", "at": iso(hours[1])}
+    with open(ledger_file, "a") as handle:
+        handle.write(json.dumps(late) + "\n")
+    result = harness.run("history", "--contract", "c-1", "--from", iso(hours[0]), "--to", iso(hours[0]))
+    assert "Unexpected" not in result.output, result.output
+    assert result.returncode == 4, result.output
+    assert ledger_file.name in result.output
+
+
+def test_a_dimension_variable_with_a_huge_number_is_a_configuration_error(harness, hours):
+    env = one_hour(harness, hours)
+    result = harness.run(env={**env, f"DIMENSION{'1' * 5000}_NAME": "units"})
+    assert "Traceback" not in result.output, result.output[-600:]
+    assert result.returncode == 2, result.output[-600:]
+    assert harness.clazar.metering_calls == 0
+
+
+
+
+def test_a_hard_linked_lock_file_does_not_overwrite_its_other_name(harness, hours):
+    env = one_hour(harness, hours)
+    victim = harness.folder / "victim.txt"
+    victim.write_text("precious")
+    lock = harness.state_path.parent / (harness.state_path.name + ".lock")
+    os.link(victim, lock)
+    result = harness.run(env=env)
+    assert victim.read_text() == "precious", result.output
+
+
+
+
+def test_a_long_subscription_id_does_not_hang_the_log_redactor(harness, hours):
+    unattributed = {"subscriptionId": "a" * 2_000_000, "dimension": "cpu_core_hours", "value": 1}
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2), unattributed]})
+    harness.write_marker(hours.final(1))
+    # A 2 MB file is read and parsed in well under a second; masking its one warning line
+    # grows with the square of its length (40,000 characters take 2.5 s).
+    ended, code, output = run_or_kill(harness, {"START_HOUR": iso(hours[0])}, timeout=60)
+    assert ended, "the run was still masking the unattributed-usage warning"
+    assert code == 0, output[-2000:]
+
+
+def test_a_state_path_that_is_not_a_regular_file_stops_the_run(harness, hours):
+    env = one_hour(harness, hours)
+    os.mkfifo(harness.state_path)
+    ended, code, output = run_or_kill(harness, env, timeout=30)
+    assert ended, "the run was still waiting to open the state"
+    assert code == 4 and "metering_state.json" in output, output
+    assert harness.clazar.metering_calls == 0
