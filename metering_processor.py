@@ -56,7 +56,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Callable
-from urllib.parse import quote, quote_plus, urlsplit
+from urllib.parse import urlsplit
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 __version__ = "1.0.0"
@@ -1814,6 +1814,15 @@ def _retry_policy(config: Config) -> Any:
             backoff = super().get_backoff_time()
             return backoff + random.uniform(0, config.backoff_seconds) if backoff else 0.0
 
+        # urllib3 reads a refused answer whole before it retries (urllib3 1.26 into
+        # memory, 2.x to the end, however long): closed instead, unread.
+        def increment(self, *arguments: Any, **options: Any) -> Any:
+            retry = super().increment(*arguments, **options)
+            response = options.get("response")
+            if response is not None:
+                response.close()
+            return retry
+
         # urllib3 sleeps before every retry: a stop asked for before or during
         # that wait sends the batch no more.
         def sleep(self, response: Any = None) -> None:
@@ -1872,29 +1881,52 @@ def within_deadline(call: Callable[[], Any], seconds: float, where: str) -> Any:
     return outcome["result"]
 
 
-def bounded_request(session: Any, method: str, url: str, limit: int, **arguments: Any) -> tuple[int, bytes, Any]:
-    """(status, body, response) of one HTTP request, reading at most ``limit`` + 1
-    bytes of the body: a longer one is cut there, for the caller to refuse.
+class RequestFailed(OSError):
+    """No answer to an HTTP request; the message starts with the failure's own type name."""
 
-    No redirect is followed, the answer is asked for uncompressed (a compressed one
-    could expand far beyond ``limit``), and a plain-http URL, which the configuration
-    allows only on loopback, never goes through a proxy: one named by http_proxy or
-    all_proxy would receive the client secret and the token in clear. Raises OSError
-    (requests' and urllib3's errors are turned into it).
+
+def http_session() -> Any:
+    """A requests session that takes nothing from the environment by itself (see bounded_request)."""
+    import requests
+
+    session = requests.Session()
+    # Left on, requests would let a ~/.netrc entry replace the bearer token (and send
+    # the netrc password to Clazar), and would route by any *_proxy variable.
+    session.trust_env = False
+    return session
+
+
+def bounded_request(session: Any, method: str, url: str, limit: int, direct: bool = False,
+                    **arguments: Any) -> tuple[int, bytes, Any]:
+    """(status, body, response) of one HTTP request on ``session`` (an http_session),
+    reading at most ``limit`` + 1 bytes of the body: a longer one is cut there, for the
+    caller to refuse.
+
+    No redirect is followed and the answer is asked for uncompressed (a compressed one
+    could expand far beyond ``limit``). What requests would take from the environment
+    is given explicitly: the CA bundle (REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE) and the
+    proxies (the *_proxy variables, no_proxy honoured), except for a ``direct`` plain-http
+    request, which never goes through a proxy: Clazar's plain-http URLs are loopback
+    ones, and a proxy would receive the client secret and the token in clear.
+    Raises RequestFailed.
     """
     import requests
+    from requests.utils import get_environ_proxies
     from urllib3.exceptions import HTTPError
 
     arguments["headers"] = {**arguments.get("headers", {}), "Accept-Encoding": "identity"}
-    proxies = {"http": None, "all": None} if url.lower().startswith("http://") else None
+    plain = url.lower().startswith("http://")
+    proxies = {} if direct and plain else get_environ_proxies(url)
+    verify = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or True
     try:
-        response = session.request(method, url, allow_redirects=False, stream=True, proxies=proxies, **arguments)
+        response = session.request(method, url, allow_redirects=False, stream=True, proxies=proxies, verify=verify,
+                                    **arguments)
         try:
             body = response.raw.read(limit + 1, decode_content=False)
         finally:
             response.close()
-    except (requests.RequestException, HTTPError) as error:
-        raise OSError(f"{type(error).__name__}: {error}") from None
+    except (requests.RequestException, HTTPError, OSError) as error:
+        raise RequestFailed(f"{type(error).__name__}: {error}") from None
     return response.status_code, body, response
 
 
@@ -1931,12 +1963,14 @@ class ClazarClient:
     TOKEN_MARGIN = 300.0
 
     def __init__(self, config: Config, session: Any = None, clock: Callable[[], float] = time.monotonic):
-        import requests
         from requests.adapters import HTTPAdapter
 
         self.config = config
         self.clock = clock
-        self.session = session or requests.Session()
+        self.session = session or http_session()
+        # Set once an exchange is abandoned: every later one would wait as long, one
+        # batch after another, so the rest of the run fails at once instead.
+        self._abandoned: str | None = None
         adapter = HTTPAdapter(max_retries=_retry_policy(config), pool_maxsize=config.send_concurrency)
         self.session.mount("https://", adapter)
         self.session.mount("http://", adapter)
@@ -1955,24 +1989,27 @@ class ClazarClient:
 
         Raises ClazarError when no complete answer came, or RunStopped.
         """
+        if self._abandoned:
+            raise ClazarError(self._abandoned)
         deadline = answer_deadline(self.config)
         headers = {"Content-Type": "application/json", "Accept": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
         try:
             status, body, response = within_deadline(
-                lambda: bounded_request(self.session, "POST", url, MAX_ANSWER_BYTES, data=json.dumps(payload),
-                                        headers=headers, timeout=(min(10.0, self.config.timeout_seconds),
-                                                                  self.config.timeout_seconds)),
+                lambda: bounded_request(self.session, "POST", url, MAX_ANSWER_BYTES, direct=True,
+                                        data=json.dumps(payload), headers=headers,
+                                        timeout=(min(10.0, self.config.timeout_seconds), self.config.timeout_seconds)),
                 deadline, "while waiting for Clazar's answer; the hour is resent by the next run")
         except DeadlinePassed:
-            raise ClazarError(f"no complete answer from {url} within {deadline:.0f} s (see CLAZAR_TIMEOUT_SECONDS "
-                              "and CLAZAR_MAX_RETRIES); the request was abandoned") from None
-        except OSError as error:
-            raise ClazarError(
-                f"no answer from {url} after {self.config.max_retries} retries: {type(error).__name__}: {error}"
-            ) from None
-        if len(body) > MAX_ANSWER_BYTES:
+            self._abandoned = (f"no complete answer from {url} within {deadline:.0f} s (see CLAZAR_TIMEOUT_SECONDS "
+                               "and CLAZAR_MAX_RETRIES); the request was abandoned, and Clazar is not asked again "
+                               "in this run")
+            raise ClazarError(self._abandoned) from None
+        except RequestFailed as error:
+            raise ClazarError(f"no answer from {url} after {self.config.max_retries} retries: {error}") from None
+        # A refusal is told by its status; only an answer to be read must be whole.
+        if len(body) > MAX_ANSWER_BYTES and status == 200:
             raise ClazarError(f"Clazar's answer from {url} is larger than {MAX_ANSWER_BYTES} bytes; it was not read")
         return ClazarAnswer(status, body, _was_retried(response))
 
@@ -2601,7 +2638,10 @@ def read_regular_file(path: str) -> bytes:
     Raises FileNotFoundError if nothing is there, IsADirectoryError naming what is
     there instead of a file, or OSError.
     """
-    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    # Checked before the open too: opening some devices does something by itself.
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise IsADirectoryError(errno.EISDIR, "not a regular file (a folder, FIFO, socket or device)")
+    descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
     with os.fdopen(descriptor, "rb") as handle:
         if not stat.S_ISREG(os.fstat(descriptor).st_mode):
             raise IsADirectoryError(errno.EISDIR, "not a regular file (a folder, FIFO, socket or device)")
@@ -3228,7 +3268,7 @@ class Ledger:
 # start only where a run of its characters starts (the lookbehinds), so a long run
 # without an ending ("aaaa...", "-eyJ-eyJ...") is scanned once, not once from each
 # of its characters.
-_SECRETS: set[str] = set()
+_SECRETS: dict[str, re.Pattern] = {}
 _MASKS = (
     (re.compile(r"(?<=://)[^/\s@]+@"), "[userinfo]@"),
     (re.compile(r"(?i)\bbearer\s+[A-Za-z0-9._~+/=-]+"), "Bearer [redacted]"),
@@ -3240,20 +3280,52 @@ _MASKS = (
 MASKED_TEXT_LIMIT = 1000
 
 
+def _case_free(text: str) -> str:
+    """A pattern matching ``text`` (hexadecimal digits) in either case."""
+    return "".join(f"[{char.lower()}{char.upper()}]" if char.isalpha() else char for char in text)
+
+
+_JSON_SHORT_ESCAPES = {"\b": "b", "\f": "f", "\n": "n", "\r": "r", "\t": "t"}
+
+
+def _secret_pattern(secret: str) -> re.Pattern:
+    """A pattern matching ``secret`` as written or escaped, character by character, the
+    way an error body may echo it: JSON (``\\"``, ``\\/``, ``\\u00e9`` in either case,
+    escaped again when a JSON text is embedded in another), URL (``%2F``, ``+``) and
+    HTML (``&#47;``, ``&quot;``) escapes, in any mix. Each character's forms are fixed
+    alternatives with bounded repeats, so a search costs time linear in the text."""
+    html = {'"': "quot", "&": "amp", "<": "lt", ">": "gt", "'": "apos"}
+    parts = []
+    for char in secret:
+        code = ord(char)
+        units = [code] if code < 0x10000 else [0xD800 + ((code - 0x10000) >> 10), 0xDC00 + ((code - 0x10000) & 0x3FF)]
+        forms = [re.escape(char),
+                 "".join(r"\\{1,8}u" + _case_free(f"{unit:04x}") for unit in units),
+                 "".join("%" + _case_free(f"{byte:02x}") for byte in char.encode("utf-8", "surrogatepass")),
+                 f"&#0*{code};", "&#[xX]0*" + _case_free(f"{code:x}") + ";"]
+        if char in '"\\/':
+            forms.append(r"\\{1,8}" + re.escape(char))
+        if char in _JSON_SHORT_ESCAPES:
+            forms.append(r"\\{1,8}" + _JSON_SHORT_ESCAPES[char])
+        if char == " ":
+            forms.append(r"\+")
+        if char in html:
+            forms.append(f"&{html[char]};")
+        parts.append("(?:" + "|".join(forms) + ")")
+    return re.compile("".join(parts))
+
+
 def redact(secret: str | None) -> None:
-    """Mask ``secret`` in everything written or printed from now on, as it is and as
-    it appears inside a JSON string or a URL (an error body that echoes it)."""
-    if secret and len(secret) >= 4:
-        _SECRETS.update({secret, json.dumps(secret)[1:-1], json.dumps(secret, ensure_ascii=False)[1:-1],
-                         quote(secret, safe=""), quote_plus(secret, safe="")})
+    """Mask ``secret`` in everything written or printed from now on, as it is and in
+    every escaped form _secret_pattern knows."""
+    if secret and len(secret) >= 4 and secret not in _SECRETS:
+        _SECRETS[secret] = _secret_pattern(secret)
 
 
 def mask_secrets(text: str) -> str:
     """``text`` with the registered secrets, tokens, URL passwords and e-mail addresses masked."""
-    # Longest first: a secret's escaped form holds the secret's own prefix.
-    for secret in sorted(_SECRETS, key=len, reverse=True):
-        if secret in text:
-            text = text.replace(secret, "[redacted]")
+    for pattern in _SECRETS.values():
+        text = pattern.sub("[redacted]", text)
     for pattern, replacement in _MASKS:
         text = pattern.sub(replacement, text)
     return text
@@ -3340,8 +3412,10 @@ class JsonLogFormatter(logging.Formatter):
             if getattr(record, name, None):
                 entry[name.replace("_key", "")] = getattr(record, name)
         if record.exc_info:
-            entry["exception"] = record.exc_text or self.formatException(record.exc_info)
-        return json.dumps(entry, ensure_ascii=False)
+            entry["exception"] = escape_control(record.exc_text or self.formatException(record.exc_info))
+        # A lone surrogate left anywhere (a variable read from undecodable bytes) is
+        # written as its JSON escape rather than failing the write.
+        return json.dumps(entry, ensure_ascii=False).encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 def configure_logging(level: str, log_format: str = "text", stream: Any = None) -> None:
@@ -4575,21 +4649,22 @@ def push_metrics(url: str, instance: str | None, text: str) -> None:
     warning and never changes the exit code: the metrics must not fail a run that
     billed correctly, and the next run pushes again.
     """
-    import requests
-
     target = pushgateway_target(url, instance)
     parts = urlsplit(target)
     shown = parts._replace(netloc=parts.netloc.rpartition("@")[2]).geturl()  # never a password in the log
     # Shorter after a stop, which must end within seconds.
     timeout = (1.0, 2.0) if STOP.is_set() else (3.0, 5.0)
     try:
-        with requests.Session() as session:
+        with http_session() as session:
             status, body, _ = within_deadline(
                 lambda: bounded_request(session, "PUT", target, 4096, data=text.encode("utf-8"), timeout=timeout,
                                         headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"}),
                 sum(timeout) * 2, "while pushing the metrics")
-    except (OSError, DeadlinePassed, RunStopped) as error:
-        log.warning("Could not push the metrics to %s: %s: %s", shown, type(error).__name__, error)
+    except RequestFailed as error:
+        log.warning("Could not push the metrics to %s: %s", shown, error)
+        return
+    except (DeadlinePassed, RunStopped):
+        log.warning("Could not push the metrics to %s: no complete answer within %.0f s", shown, sum(timeout) * 2)
         return
     if not 200 <= status < 300:
         log.warning("Could not push the metrics to %s: HTTP %d: %s", shown, status,

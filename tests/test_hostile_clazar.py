@@ -7,14 +7,19 @@ nothing here can reach beyond this machine, even when the code under test is bro
 
 from __future__ import annotations
 
+import html
 import json
+import os
 import socket
+import signal
 import subprocess
 import threading
 import time
+from urllib.parse import quote, quote_plus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import metering_processor as mp
+import pytest
 from clazar_standin import status
 from conftest import SERVICE, cpu
 from export_data import iso, service_key
@@ -106,11 +111,15 @@ HUGE_ANSWER = 256 * 2**20
 
 
 class Flood:
-    """An authentication endpoint on 127.0.0.1 whose 200 answer is HUGE_ANSWER bytes of
-    JSON whitespace; counts how much of it the client took before hanging up."""
+    """An endpoint on 127.0.0.1 answering every request with ``status`` and HUGE_ANSWER
+    bytes of JSON whitespace (``headers`` added); counts how much of the answers the
+    client took before hanging up."""
 
-    def __init__(self):
+    def __init__(self, status: bytes = b"200 OK", headers: bytes = b""):
         self.sent = 0
+        self.connections = 0
+        self.head = b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n" + headers + \
+            b"Content-Length: %d\r\n\r\n" % HUGE_ANSWER
         self.socket = socket.socket()
         self.socket.bind(("127.0.0.1", 0))
         self.socket.listen(4)
@@ -119,17 +128,26 @@ class Flood:
         self.thread.start()
 
     def _serve(self):
-        connection, _ = self.socket.accept()
+        while True:
+            try:
+                connection, _ = self.socket.accept()
+            except OSError:
+                return  # closed
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(connection,), daemon=True).start()
+
+    def _answer(self, connection):
         with connection:
             request = b""
             while b"\r\n\r\n" not in request:
                 request += connection.recv(65536)
-            connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                               b"Content-Length: %d\r\n\r\n" % HUGE_ANSWER)
+            connection.sendall(self.head)
             chunk = b" " * 2**20
+            sent = 0
             try:
-                while self.sent < HUGE_ANSWER:
+                while sent < HUGE_ANSWER:
                     connection.sendall(chunk)
+                    sent += len(chunk)
                     self.sent += len(chunk)
             except OSError:
                 pass  # the client hung up
@@ -144,7 +162,6 @@ def test_a_huge_clazar_answer_is_not_read_without_bound(harness, hours):
         env = one_hour(harness, hours)
         result = harness.run(env={**env, "CLAZAR_AUTH_URL": f"http://127.0.0.1:{flood.port}/authenticate/",
                                   "CLAZAR_MAX_RETRIES": "0"}, timeout=300)
-        flood.thread.join(60)
     finally:
         flood.close()
     assert result.returncode == 1, result.output
@@ -254,3 +271,129 @@ def test_a_json_escaped_secret_in_an_error_body_is_masked(harness, hours):
     for text in (error, result.output, harness.run("status").output):
         assert "word-0123456789" not in text, text
     assert escaped not in json.dumps(harness.entry())
+
+
+def test_a_huge_refusal_is_not_read_before_it_is_retried(harness, hours):
+    # urllib3 reads a 5xx answer before it retries: 1.26 into memory, whole; 2.x to its end.
+    flood = Flood(b"503 Service Unavailable", b"Retry-After: 0\r\n")
+    try:
+        env = one_hour(harness, hours)
+        result = harness.run(env={**env, "CLAZAR_AUTH_URL": f"http://127.0.0.1:{flood.port}/authenticate/",
+                                  "CLAZAR_MAX_RETRIES": "2", "CLAZAR_BACKOFF_SECONDS": "0"}, timeout=300)
+    finally:
+        flood.close()
+    assert result.returncode == 1 and "HTTP 503" in result.output, result.output
+    assert flood.connections == 3
+    assert flood.sent < 96 * 2**20, f"the client read {flood.sent} bytes of three answers"
+
+
+def trickle_forever(stop):
+    def answer(handler):
+        handler.send_response(200)
+        handler.send_header("Content-Type", "application/json")
+        handler.send_header("Content-Length", str(10**9))
+        handler.end_headers()
+        try:
+            while not stop.is_set():
+                handler.wfile.write(b" ")
+                handler.wfile.flush()
+                time.sleep(0.3)
+        except OSError:
+            pass
+    return answer
+
+
+def many_records(harness, hours, count):
+    harness.write_hour(hours[0], {f"sub-{i:010d}": [cpu(hours[0], f"c-{i}", f"sub-{i:010d}", 1)]
+                                  for i in range(count)})
+    harness.write_marker(hours.final(1))
+    return {"START_HOUR": iso(hours[0])}
+
+
+def test_an_abandoned_exchange_is_not_waited_again_by_every_batch(harness, hours):
+    # Eight batches, one sender: each would wait its own 3 s for the token, one after another.
+    stop = threading.Event()
+    auth = Recorder("127.0.0.1", answer=trickle_forever(stop))
+    try:
+        env = many_records(harness, hours, 8)
+        ended, code, output = run_or_kill(harness, {**env, "CLAZAR_AUTH_URL": auth.url + "/authenticate/",
+                                                    "CLAZAR_TIMEOUT_SECONDS": "1", "CLAZAR_MAX_RETRIES": "0",
+                                                    "CLAZAR_BATCH_SIZE": "1", "CLAZAR_CONCURRENCY": "1"}, 60)
+    finally:
+        stop.set()
+        auth.close()
+    assert ended and code == 1, output
+    assert len(auth.requests) == 1, output
+    assert "Clazar is not asked again in this run" in output
+    assert harness.clazar.metering_calls == 0 and "pending_hour" in harness.entry()
+
+
+def test_a_stop_while_waiting_for_a_trickled_answer_ends_within_ten_seconds(harness, hours):
+    stop = threading.Event()
+    auth = Recorder("127.0.0.1", answer=trickle_forever(stop))
+    try:
+        env = many_records(harness, hours, 8)
+        process = harness.popen(env={**env, "CLAZAR_AUTH_URL": auth.url + "/authenticate/",
+                                     "CLAZAR_TIMEOUT_SECONDS": "5", "CLAZAR_BATCH_SIZE": "1"})
+        waited = time.monotonic() + 30
+        while not auth.requests and time.monotonic() < waited:
+            time.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        asked = time.monotonic()
+        try:
+            output, _ = process.communicate(timeout=40)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            output, _ = process.communicate()
+        took = time.monotonic() - asked
+    finally:
+        stop.set()
+        auth.close()
+    assert took < 12, f"ended {took:.0f} s after the stop\n{output}"
+    assert process.returncode == mp.EXIT_STOPPED, output
+    assert harness.clazar.metering_calls == 0
+
+
+@pytest.mark.parametrize("variable", ["http://127.0.0.1_proxy", "all://127.0.0.1_proxy", "HTTP_PROXY", "ALL_PROXY"])
+def test_no_proxy_variable_routes_plain_http_through_a_proxy(harness, hours, variable):
+    # requests turns every *_proxy variable into a proxy, "http://127.0.0.1_proxy" into one
+    # for that host alone (such a name cannot be exported by a shell, but can be set).
+    proxy = Recorder("127.0.0.2")
+    try:
+        env = one_hour(harness, hours)
+        seaweed = harness.env["AWS_ENDPOINT_URL_S3"].replace("127.0.0.1", "localhost")
+        result = harness.run(env={**env, variable: proxy.url, "no_proxy": "localhost", "AWS_ENDPOINT_URL_S3": seaweed,
+                                  "CLAZAR_MAX_RETRIES": "0"})
+    finally:
+        proxy.close()
+    assert proxy.requests == [], proxy.everything()
+    assert result.returncode == 0, result.output
+
+
+def test_a_netrc_entry_neither_replaces_the_token_nor_reaches_clazar(harness, hours, tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".netrc").write_text("machine 127.0.0.1 login someone password netrc-password\n")
+    os.chmod(home / ".netrc", 0o600)
+    env = one_hour(harness, hours)
+    result = harness.run(env={**env, "HOME": str(home), "CLAZAR_MAX_RETRIES": "0"})
+    assert result.returncode == 0, result.output
+    assert sum(harness.clazar.accepted_quantities().values()) == 2
+
+
+@pytest.mark.parametrize("echo", [
+    lambda text: json.dumps(text).replace("/", "\\/"),             # PHP's json_encode
+    lambda text: json.dumps(text).replace("\\u00e9", "\\u00E9"),    # upper-case escapes
+    lambda text: json.dumps(json.dumps(text)),                      # a JSON text inside another
+    lambda text: quote(text),                                       # a URL, / kept
+    lambda text: quote_plus(text),
+    lambda text: html.escape(text),
+])
+def test_an_escaped_form_of_a_secret_is_masked(echo):
+    secret = "Zq8/k+Lm9 \u00e9\"xYz0"
+    mp.redact(secret)
+    try:
+        masked = mp.mask_secrets("unknown credentials " + echo(secret) + " here")
+    finally:
+        del mp._SECRETS[secret]
+    assert "Zq8" not in masked and "Lm9" not in masked and "xYz0" not in masked, masked

@@ -810,3 +810,21 @@ def test_only_attempts_that_may_have_landed_excuse_already_exists():
     assert not mp._was_retried(response(RequestHistory("POST", "/", None, 429, None)))
     assert mp._was_retried(response(RequestHistory("POST", "/", None, 502, None)))
     assert mp._was_retried(response(RequestHistory("POST", "/", OSError("reset"), None, None)))
+
+
+def test_a_traceback_holding_a_lone_surrogate_is_written_in_json_logs(capsys):
+    import io
+    import logging
+
+    stream = io.TextIOWrapper(io.BytesIO(), encoding="utf-8", write_through=True)
+    mp.configure_logging("DEBUG", "json", stream=stream)
+    try:
+        try:
+            raise ValueError("sub-\ud800\x1b[31m")
+        except ValueError as error:
+            mp.log.debug("Where it happened", exc_info=error)
+    finally:
+        logging.getLogger().handlers[:] = []
+    assert "Logging error" not in capsys.readouterr().err
+    entry = json.loads(stream.buffer.getvalue().decode("utf-8"))
+    assert "sub-\\ud800\\x1b[31m" in entry["exception"]
