@@ -327,7 +327,7 @@ def test_formulas(text, values):
 @pytest.mark.parametrize("text", ["round(cpu_core_hours / 7, 1000000000)", "+(+(memory_byte_hours**64)**64)**64",
                                   "((memory_byte_hours**64*1)**64*1)**64", "(1e308 * 1e308)**64",
                                   "(memory_byte_hours**-64)**-64"])
-def test_formulas_from_the_issue_are_bounded(text):
+def test_formulas_that_hide_powers_or_round_without_bound_are_bounded(text):
     returns_or_refuses(compile_and_evaluate, text, {"memory_byte_hours": Fraction(2**40 + 1)})
 
 
