@@ -291,3 +291,21 @@ def hours():
             return base + timedelta(hours=count)
 
     return Hours()
+
+
+def one_hour(harness, hours):
+    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
+    harness.write_marker(hours.final(1))
+    return {"START_HOUR": export_data.iso(hours[0])}
+
+
+def run_or_kill(harness, env, timeout):
+    """Run the script; (ended by itself, exit code, output)."""
+    process = harness.popen(env=env)
+    try:
+        output, _ = process.communicate(timeout=timeout)
+        return True, process.returncode, output
+    except subprocess.TimeoutExpired:
+        process.kill()
+        output, _ = process.communicate()
+        return False, process.returncode, output

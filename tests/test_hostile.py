@@ -18,7 +18,7 @@ from datetime import timedelta
 import metering_processor as mp
 import pytest
 from clazar_standin import status
-from conftest import SERVICE, cpu
+from conftest import SERVICE, cpu, one_hour, run_or_kill
 from export_data import iso, record, service_key
 
 KEY = service_key(SERVICE)
@@ -396,24 +396,6 @@ def test_an_unexpected_error_fails_only_its_service_and_the_metrics_are_written(
 
 
 # --- text that cannot be written, ledger lines and variables, files, hangs from data ------------------
-
-
-def one_hour(harness, hours):
-    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
-    harness.write_marker(hours.final(1))
-    return {"START_HOUR": iso(hours[0])}
-
-
-def run_or_kill(harness, env, timeout):
-    """Run the script; (ended by itself, exit code, output)."""
-    process = harness.popen(env=env)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-        return True, process.returncode, output
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        return False, process.returncode, output
 
 
 def test_a_contract_id_with_a_lone_surrogate_fails_its_hour(harness, hours):

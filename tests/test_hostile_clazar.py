@@ -21,7 +21,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import metering_processor as mp
 import pytest
 from clazar_standin import status
-from conftest import SERVICE, cpu
+from conftest import SERVICE, cpu, one_hour, run_or_kill
 from export_data import iso, service_key
 
 KEY = service_key(SERVICE)
@@ -67,24 +67,6 @@ class Recorder:
     def close(self):
         self.server.shutdown()
         self.server.server_close()
-
-
-def one_hour(harness, hours):
-    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
-    harness.write_marker(hours.final(1))
-    return {"START_HOUR": iso(hours[0])}
-
-
-def run_or_kill(harness, env, timeout):
-    """Run the script; (ended by itself, exit code, output)."""
-    process = harness.popen(env=env)
-    try:
-        output, _ = process.communicate(timeout=timeout)
-        return True, process.returncode, output
-    except subprocess.TimeoutExpired:
-        process.kill()
-        output, _ = process.communicate()
-        return False, process.returncode, output
 
 
 # --- a secret over plain http to another host ---------------------------------------------------------
@@ -172,21 +154,7 @@ def test_a_huge_clazar_answer_is_not_read_without_bound(harness, hours):
 
 def test_a_trickling_clazar_answer_does_not_hang_the_run(harness, hours):
     stop = threading.Event()
-
-    def trickle(handler):
-        handler.send_response(200)
-        handler.send_header("Content-Type", "application/json")
-        handler.send_header("Content-Length", str(10**9))
-        handler.end_headers()
-        try:
-            while not stop.is_set():
-                handler.wfile.write(b" ")
-                handler.wfile.flush()
-                time.sleep(0.5)
-        except OSError:
-            pass
-
-    auth = Recorder("127.0.0.1", answer=trickle)
+    auth = Recorder("127.0.0.1", answer=trickle_forever(stop))
     try:
         env = one_hour(harness, hours)
         # 45 s is twenty times the longest wait the settings allow (1 s timeout, no retry).
