@@ -194,39 +194,61 @@ class StopRequest:
 
     A flag cannot interrupt a call that never returns (boto3 waits 60 s per attempt
     on an S3 that accepts connections and never answers, four attempts), so a
-    watchdog bounds the stop: DEADLINE_SECONDS after the first signal, a process
-    still running writes what it can (see ``when_overdue``) and ends with
-    EXIT_STOPPED. Ending there is as safe as SIGKILL, which the state's design
-    survives at every step: every state and ledger write replaces a whole file or
-    object or nothing, and an S3 lease left behind lapses by itself.
+    watchdog bounds the stop: deadline_seconds (STOP_TIMEOUT_SECONDS) after the
+    first signal, a process still running writes what it can (see ``when_overdue``)
+    and ends with EXIT_STOPPED. Ending there is as safe as SIGKILL, which the
+    state's design survives at every step: every state and ledger write replaces a
+    whole file or object or nothing, and an S3 lease left behind lapses by itself.
     """
 
     POLL_SECONDS = 0.2
-    # How long a stop waits for answers to batches already in flight: an hour
-    # whose every batch is answered is committed whole instead of resent.
-    GRACE_SECONDS = 5.0
-    # How long a stop may take in all, whatever S3 or Clazar do, and how much of it
-    # the last words (the metrics) may use once the run has not stopped by itself.
-    DEADLINE_SECONDS = 10.0
-    LAST_WORDS_SECONDS = 2.0
+    # How long a stop may take in all, whatever S3 or Clazar do, unless
+    # STOP_TIMEOUT_SECONDS says otherwise (see set_timeout).
+    DEFAULT_TIMEOUT_SECONDS = 10.0
 
     def __init__(self) -> None:
         self._event = threading.Event()
+        # Set by a stop request and by uninstall: what the watchdog waits for.
+        self._wake = threading.Event()
         self.reason = ""
         self._last_words: Callable[[], None] | None = None
         self._watchdog: threading.Thread | None = None
+        self._previous_handlers: dict[int, Any] = {}
+        self.set_timeout(self.DEFAULT_TIMEOUT_SECONDS)
+
+    def set_timeout(self, seconds: float) -> None:
+        """How long a stop may take in all (deadline_seconds); of it, half for answers to
+        batches already in flight (grace_seconds: an hour whose every batch is answered
+        is committed whole instead of resent), and a fifth for the last words (the
+        metrics) once the run has not stopped by itself (last_words_seconds)."""
+        self.deadline_seconds = seconds
+        self.grace_seconds = seconds / 2
+        self.last_words_seconds = seconds / 5
 
     def install(self) -> None:
         """Handle SIGTERM and SIGINT from now on, and start the watchdog (only the main thread can)."""
         if threading.current_thread() is not threading.main_thread():
             return
         for number in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(number, self._receive)
+            self._previous_handlers[number] = signal.signal(number, self._receive)
         if self._watchdog is None:
             # Started now, not from the handler: a handler may run while the main thread
             # holds a lock that starting a thread needs.
             self._watchdog = threading.Thread(target=self._watch, name="stop-watchdog", daemon=True)
             self._watchdog.start()
+
+    def uninstall(self) -> None:
+        """Put back the signal handlers install found and end the watchdog, for a caller
+        whose process goes on after main returns. Only when no stop was asked for: after
+        one, main ends the process itself."""
+        if self._event.is_set():
+            return
+        for number, handler in self._previous_handlers.items():
+            signal.signal(number, handler)
+        self._previous_handlers.clear()
+        self._wake.set()
+        if self._watchdog is not None:
+            self._watchdog.join()
 
     def _receive(self, number: int, frame: Any) -> None:
         # Only set the flag: a handler runs between two bytecodes of the main thread,
@@ -237,6 +259,7 @@ class StopRequest:
         if not self._event.is_set():
             self.reason = reason
         self._event.set()
+        self._wake.set()
 
     def is_set(self) -> bool:
         return self._event.is_set()
@@ -256,24 +279,26 @@ class StopRequest:
 
     def when_overdue(self, last_words: Callable[[], None] | None) -> None:
         """What the watchdog runs before ending an overdue stop: write the metrics. It runs
-        on another thread while the main one may be anywhere, and gets LAST_WORDS_SECONDS."""
+        on another thread while the main one may be anywhere, and gets last_words_seconds."""
         self._last_words = last_words
 
     def _watch(self) -> None:
-        self._event.wait()
-        time.sleep(self.DEADLINE_SECONDS - self.LAST_WORDS_SECONDS)
+        self._wake.wait()
+        if not self._event.is_set():
+            return  # uninstalled: main returned without a stop
+        time.sleep(self.deadline_seconds - self.last_words_seconds)
         # Still here: the main thread is held by a call no flag reaches. Whatever the
         # last words do (log, write, push), they must not hold up the exit either.
         speaker = threading.Thread(target=self._say_last_words, name="stop-last-words", daemon=True)
         speaker.start()
-        speaker.join(self.LAST_WORDS_SECONDS)
+        speaker.join(self.last_words_seconds)
         os._exit(EXIT_STOPPED)
 
     def _say_last_words(self) -> None:
         log.warning("%s received, but the run had not stopped %.0f s later: a call to S3 or Clazar is not answering. "
                     "Ending it now (exit %d): no hour is committed in part, a pending hour stays pending for the "
                     "next run, and an S3 lease left behind lapses by itself after STATE_LOCK_TTL_SECONDS",
-                    self.reason, self.DEADLINE_SECONDS - self.LAST_WORDS_SECONDS, EXIT_STOPPED)
+                    self.reason, self.deadline_seconds - self.last_words_seconds, EXIT_STOPPED)
         if self._last_words is not None:
             try:
                 self._last_words()
@@ -350,6 +375,8 @@ SETTINGS = (
     ("CLAZAR_RETRY_AFTER_MAX_SECONDS", "60", "longest Retry-After honoured"),
     ("STATE_FILE_PATH", "./metering_state.json", "state document: a path or s3://bucket/key"),
     ("STATE_LOCK_TTL_SECONDS", "900", "lease of an S3 state lock; renewed while running"),
+    ("STOP_TIMEOUT_SECONDS", "10",
+     "longest a stop may take; lower it where SIGKILL follows SIGTERM sooner (docker stop -t 5)"),
     ("S3_READ_CONCURRENCY", "32", "export files read at once"),
     ("READ_AHEAD_HOURS", "2", "hours read while the current one is sent (1 for hours of 1,000+ files)"),
     ("MAX_HOURS_PER_RUN", "24", "hours per service per run"),
@@ -432,6 +459,7 @@ class Config:
     export_stale_hours: int
     pushgateway_url: str | None
     pushgateway_instance: str | None
+    stop_timeout_seconds: int
 
 
 class _Environment:
@@ -731,6 +759,8 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None, send
         export_stale_hours=env.integer("EXPORT_STALE_HOURS", 3, 1, 24 * 400),
         pushgateway_url=_pushgateway_url(env.text("METRICS_PUSHGATEWAY_URL")),
         pushgateway_instance=env.text("METRICS_PUSHGATEWAY_INSTANCE"),
+        stop_timeout_seconds=env.integer("STOP_TIMEOUT_SECONDS",
+                                         int(StopRequest.DEFAULT_TIMEOUT_SECONDS), 2, 300),
     )
 
 
@@ -1852,7 +1882,7 @@ class DeadlinePassed(Exception):
 
 def within_deadline(call: Callable[[], Any], seconds: float, where: str) -> Any:
     """``call()``'s result, or DeadlinePassed after ``seconds``, or RunStopped (naming
-    ``where``) StopRequest.GRACE_SECONDS after a stop is asked for.
+    ``where``) STOP.grace_seconds after a stop is asked for.
 
     The call runs on a daemon thread of its own so that it can be abandoned; it
     ends with the process. Whatever the call raises is raised here.
@@ -1871,7 +1901,7 @@ def within_deadline(call: Callable[[], Any], seconds: float, where: str) -> Any:
     while worker.is_alive():
         now = time.monotonic()
         if STOP.is_set():
-            ends = min(ends, now + StopRequest.GRACE_SECONDS)
+            ends = min(ends, now + STOP.grace_seconds)
         if now >= ends:
             STOP.check(where)
             raise DeadlinePassed(where)
@@ -1983,7 +2013,7 @@ class ClazarClient:
         """POST ``payload`` to ``url`` and return the answer, read whole and bounded.
 
         The exchange runs on a thread of its own so that it can be abandoned: after
-        answer_deadline(config), or StopRequest.GRACE_SECONDS after a stop. The
+        answer_deadline(config), or STOP.grace_seconds after a stop. The
         abandoned thread is a daemon and ends with the process; whatever it still
         lands comes back "already exists" when the pending hour is resent.
 
@@ -2057,7 +2087,7 @@ class ClazarClient:
         raised (the hour stays pending and is resent whole, which is safe).
 
         Once a stop is asked for no further batch is sent; those in flight get
-        StopRequest.GRACE_SECONDS to be answered. If every batch was answered the
+        STOP.grace_seconds to be answered. If every batch was answered the
         results are returned as usual, else RunStopped is raised: the hour stays
         pending, and what landed comes back "already exists" when it is resent.
         """
@@ -2075,7 +2105,7 @@ class ClazarClient:
                 if STOP.is_set():
                     for future in futures:
                         future.cancel()
-                    concurrent.futures.wait(futures, timeout=STOP.GRACE_SECONDS)
+                    concurrent.futures.wait(futures, timeout=STOP.grace_seconds)
                     if not all(future.done() and not future.cancelled() for future in futures):
                         STOP.check("while sending; the batches sent so far are resent by the next run")
             for future in futures:
@@ -4551,7 +4581,7 @@ def export(config: Config, client: Any, store: LocalStateStore | S3StateStore) -
 
     A stop (RunStopped) ends it with EXIT_STOPPED after the lock is released, and
     the metrics are still written and pushed; a stop that S3 or Clazar holds up
-    past StopRequest.DEADLINE_SECONDS ends the process from the watchdog, which
+    past STOP.deadline_seconds ends the process from the watchdog, which
     writes and pushes the metrics as far as they are known.
     """
     started, began = utc_now(), time.monotonic()
@@ -4678,20 +4708,38 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
     SIGTERM and SIGINT are handled from the start (see StopRequest): the run stops
     at the next safe point and ends with EXIT_STOPPED.
+
+    Each call starts as a new process would: a new stop flag, no registered secret,
+    no log handler; when it returns, the signal handlers and log handlers it found
+    are back and its watchdog has ended, so a process may call it more than once.
     """
+    global STOP
+    STOP = StopRequest()
+    _SECRETS.clear()
+    root = logging.getLogger()
+    found = (root.handlers[:], root.level, log.level)
+    root.handlers[:] = []
+    log.setLevel(logging.NOTSET)
     STOP.install()
     try:
-        code = run_command(parse_arguments(argv), os.environ if environ is None else environ)
-    except RunStopped as stop:
-        log.warning("%s", stop)
-        code = EXIT_STOPPED
-    if STOP.is_set():
-        # Everything worth keeping is written and the lock released. A request or
-        # read left in flight must not hold up the exit, as the interpreter would
-        # by joining its worker thread.
-        flush_output()
-        os._exit(code)
-    return code
+        try:
+            code = run_command(parse_arguments(argv), os.environ if environ is None else environ)
+        except RunStopped as stop:
+            log.warning("%s", stop)
+            code = EXIT_STOPPED
+        if STOP.is_set():
+            # Everything worth keeping is written and the lock released. A request or
+            # read left in flight must not hold up the exit, as the interpreter would
+            # by joining its worker thread.
+            flush_output()
+            os._exit(code)
+        return code
+    finally:
+        STOP.uninstall()
+        handlers, level, own_level = found
+        root.handlers[:] = handlers
+        root.setLevel(level)
+        log.setLevel(own_level)
 
 
 def run_command(arguments: argparse.Namespace, environ: Mapping[str, str]) -> int:
@@ -4704,6 +4752,7 @@ def run_command(arguments: argparse.Namespace, environ: Mapping[str, str]) -> in
         if targets is not None:
             publish_metrics(*targets, render_metrics((), {}, {}, EXIT_CONFIG, utc_now(), 0.0))
         return EXIT_CONFIG
+    STOP.set_timeout(config.stop_timeout_seconds)
     # Reports go to stdout, so the log of a reporting command goes to stderr.
     configure_logging(config.log_level, config.log_format, sys.stdout if command in ("run", "retry-failed") else sys.stderr)
     redact(config.client_secret)

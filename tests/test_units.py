@@ -42,7 +42,41 @@ def test_defaults():
     assert config.state_path == "./metering_state.json"
     assert config.max_hours_per_run == 24 and config.batch_size == 25 and config.max_retries == 5
     assert config.start_hour is None and config.dry_run is False and config.formulas == ()
+    assert config.stop_timeout_seconds == 10
     assert "secret-value" not in repr(config)
+
+
+def test_a_stop_takes_at_most_stop_timeout_seconds_half_for_answers_a_fifth_for_last_words():
+    stop = mp.StopRequest()
+    assert (stop.deadline_seconds, stop.grace_seconds, stop.last_words_seconds) == (10, 5, 2)
+    stop.set_timeout(mp.load_config({**BASE, "STOP_TIMEOUT_SECONDS": "4"}).stop_timeout_seconds)
+    assert (stop.deadline_seconds, stop.grace_seconds, stop.last_words_seconds) == (4, 2, 0.8)
+
+
+def test_main_starts_as_a_new_process_would_and_leaves_this_process_as_found(tmp_path, monkeypatch,
+                                                                            capsys):
+    """What the module keeps globally is reset by main, and what it changes in the process is
+    put back when main returns: the in-process runs of the end-to-end tests depend on it."""
+    import logging
+    import signal
+    import threading
+
+    monkeypatch.chdir(tmp_path)
+    earlier = mp.StopRequest()
+    earlier.request("SIGTERM")
+    monkeypatch.setattr(mp, "STOP", earlier)
+    monkeypatch.setattr(mp, "_SECRETS", {})
+    mp.redact("an-earlier-runs-secret")
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    log_handlers = logging.getLogger().handlers[:]
+    environ = {**BASE, "STATE_FILE_PATH": str(tmp_path / "state.json")}
+    code = mp.main(["retry-failed", "--dry-run"], environ)
+    assert code == 0, capsys.readouterr()
+    assert mp.STOP is not earlier and not mp.STOP.is_set(), "an earlier stop is not this run's"
+    assert list(mp._SECRETS) == ["secret-value"], "only this run's secret is registered"
+    assert {number: signal.getsignal(number) for number in handlers} == handlers
+    assert logging.getLogger().handlers == log_handlers
+    assert [thread.name for thread in threading.enumerate() if thread.name.startswith("stop")] == []
 
 
 def test_services_split_on_the_last_two_colons():
@@ -463,6 +497,8 @@ def test_retries_back_off_exponentially_with_jitter_and_cap_retry_after():
     ("CLAZAR_BACKOFF_SECONDS", "inf", "from 0 to 60"),
     ("CLAZAR_RETRY_AFTER_MAX_SECONDS", "86400", "from 0 to 3600"),
     ("STATE_LOCK_TTL_SECONDS", "999999999999", "from 5 to 86400"),
+    ("STOP_TIMEOUT_SECONDS", "1", "from 2 to 300"),
+    ("STOP_TIMEOUT_SECONDS", "301", "from 2 to 300"),
     ("MAX_HOURS_PER_RUN", "9" * 5000, "from 1 to 8784"),
     ("LATE_USAGE_LOOKBACK_HOURS", "\u0663", "from 0 to 9600"),
     ("EXPORT_MARKER_LAG_MINUTES", "-1", "from 0 to 1440"),
