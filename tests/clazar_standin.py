@@ -142,7 +142,9 @@ class ClazarStandIn:
         return self.url + "/authenticate/"
 
     def start(self) -> ClazarStandIn:
-        self.thread = threading.Thread(target=self.server.serve_forever, name="clazar-standin", daemon=True)
+        # A short poll: stop() waits for the next one.
+        self.thread = threading.Thread(target=self.server.serve_forever, name="clazar-standin",
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
         self.thread.start()
         return self
 

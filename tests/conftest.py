@@ -1,15 +1,22 @@
 """Fixtures: one SeaweedFS for the session, a fresh bucket, Clazar stand-in and state
-folder per test, and a harness that runs the real script as a subprocess."""
+folder per test, and a harness that runs the real script: in this process through
+``metering_processor.main`` where nothing kills or signals it, else as a subprocess."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
+import queue
+import signal
 import subprocess
 import sys
+import threading
+import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -49,6 +56,45 @@ def five_records_in_three_batches(harness, hours) -> dict:
             ("c-2", "cpu_core_hours", first): 7, ("c-1", "cpu_core_hours", second): 1}
 
 
+class BucketPool:
+    """Empty buckets made ready ahead of the tests that take them. SeaweedFS grows a volume
+    for a bucket at its first write, which takes a fifth of a second; a thread of the pool
+    does that in advance (one object written and deleted) while tests run."""
+
+    def __init__(self, client, size: int = 4):
+        self.client = client
+        self.ready: queue.Queue = queue.Queue(maxsize=size)
+        self.closed = threading.Event()
+        self.thread = threading.Thread(target=self._fill, name="bucket-pool", daemon=True)
+        self.thread.start()
+
+    def _fill(self) -> None:
+        while not self.closed.is_set():
+            name = f"bucket-{uuid.uuid4().hex[:12]}"
+            try:
+                self.client.create_bucket(Bucket=name)
+                self.client.put_object(Bucket=name, Key="warm-up", Body=b"")
+                self.client.delete_object(Bucket=name, Key="warm-up")
+            except Exception as error:  # handed to the test that takes it
+                name = error
+            while not self.closed.is_set():
+                try:
+                    self.ready.put(name, timeout=0.5)
+                    break
+                except queue.Full:
+                    pass
+
+    def take(self) -> str:
+        name = self.ready.get(timeout=60)
+        if isinstance(name, Exception):
+            raise name
+        return name
+
+    def close(self) -> None:
+        self.closed.set()
+        self.thread.join()
+
+
 @pytest.fixture(scope="session")
 def seaweed(tmp_path_factory):
     server = SeaweedFS(tmp_path_factory.mktemp("seaweedfs")).start()
@@ -61,11 +107,17 @@ def s3(seaweed):
     return seaweed.client()
 
 
+@pytest.fixture(scope="session")
+def buckets(seaweed):
+    pool = BucketPool(seaweed.client())
+    yield pool
+    pool.close()
+
+
 @pytest.fixture
-def bucket(s3):
-    name = f"export-{uuid.uuid4().hex[:12]}"
-    s3.create_bucket(Bucket=name)
-    return name
+def bucket(buckets):
+    """An empty bucket of the test's own."""
+    return buckets.take()
 
 
 @pytest.fixture
@@ -87,8 +139,10 @@ class Result:
 class Harness:
     """Runs metering_processor.py as cron would, against SeaweedFS and the stand-in."""
 
-    def __init__(self, s3, seaweed, bucket: str, clazar: ClazarStandIn, folder: Path):
+    def __init__(self, s3, seaweed, bucket: str, clazar: ClazarStandIn, folder: Path,
+                 buckets: BucketPool | None = None):
         self.s3 = s3
+        self.buckets = buckets
         self.seaweed = seaweed
         self.bucket = bucket
         self.clazar = clazar
@@ -127,9 +181,9 @@ class Harness:
 
     def popen(self, *arguments: str, env: dict | None = None, faults: dict | None = None,
               wrapper: tuple[str, ...] = ()) -> subprocess.Popen:
-        """Start the script; ``wrapper`` is a command that runs it, e.g. ("unshare", "--pid", "--fork")."""
-        environment = {**self.env, **(env or {})}
-        environment = {key: value for key, value in environment.items() if value is not None}
+        """Start the script as a subprocess; ``wrapper`` is a command that runs it, e.g.
+        ("unshare", "--pid", "--fork")."""
+        environment = self.environment(env)
         if faults:
             environment["PYTHONPATH"] = str(FAULTS)
             environment.update(faults)
@@ -137,19 +191,31 @@ class Harness:
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
     def run(self, *arguments: str, env: dict | None = None, faults: dict | None = None, timeout: float = 180,
-            wrapper: tuple[str, ...] = ()) -> Result:
-        process = self.popen(*arguments, env=env, faults=faults, wrapper=wrapper)
-        output, _ = process.communicate(timeout=timeout)
-        return Result(process.returncode, output)
+            wrapper: tuple[str, ...] = (), separate_process: bool = False) -> Result:
+        """Run the script with these arguments, stdout and stderr merged as cron's log has them.
+        With ``faults`` (which kill or signal it), a ``wrapper`` or ``separate_process`` it runs
+        as a subprocess; otherwise in this process (see run_in_process), which is the same
+        code started the same way without the interpreter's start-up."""
+        if faults or wrapper or separate_process:
+            process = self.popen(*arguments, env=env, faults=faults, wrapper=wrapper)
+            output, _ = process.communicate(timeout=timeout)
+            return Result(process.returncode, output)
+        code, output, _ = run_in_process(arguments, self.environment(env), self.folder, timeout,
+                                         merged=True)
+        return Result(code, output)
 
     def report(self, *arguments: str, env: dict | None = None, timeout: float = 180) -> Result:
         """Run a reporting command (status, conflicts, history, reconcile) and keep what it
         prints on stdout, the report alone: its log (where the state and ledger are) goes to
         stderr, which a script reading the report does not see."""
-        environment = {key: value for key, value in {**self.env, **(env or {})}.items() if value is not None}
-        process = subprocess.run(self.command(*arguments), env=environment, cwd=self.folder, capture_output=True,
-                                 text=True, timeout=timeout)
-        return Result(process.returncode, process.stdout)
+        code, output, _ = run_in_process(arguments, self.environment(env), self.folder, timeout,
+                                         merged=False)
+        return Result(code, output)
+
+    def environment(self, env: dict | None = None) -> dict[str, str]:
+        """The run's whole environment: the harness's, with ``env`` over it (None unsets)."""
+        merged = {**self.env, **(env or {})}
+        return {key: value for key, value in merged.items() if value is not None}
 
     # --- data ----------------------------------------------------------------
 
@@ -163,11 +229,25 @@ class Harness:
 
     def use_s3_state(self, key: str = "exporter/metering_state.json") -> str:
         """Keep the state in its own bucket, as a Kubernetes deployment does."""
-        self.state_bucket = f"state-{uuid.uuid4().hex[:12]}"
-        self.s3.create_bucket(Bucket=self.state_bucket)
+        if self.buckets is not None:
+            self.state_bucket = self.buckets.take()
+        else:
+            self.state_bucket = f"state-{uuid.uuid4().hex[:12]}"
+            self.s3.create_bucket(Bucket=self.state_bucket)
         self.state_key = key
         self.env["STATE_FILE_PATH"] = f"s3://{self.state_bucket}/{key}"
         return self.env["STATE_FILE_PATH"]
+
+    def expire_lease(self) -> None:
+        """Let the S3 lease a killed run left behind lapse now, as it would once its
+        STATE_LOCK_TTL_SECONDS had gone by: its expires_at rewritten a second in the past,
+        through the test's own client. Fails if there is no lease."""
+        key = self.state_key + ".lock"
+        lease = json.loads(self.s3.get_object(Bucket=self.state_bucket, Key=key)["Body"].read())
+        assert "expires_at" in lease, lease
+        lease["expires_at"] = export_data.iso(datetime.now(timezone.utc) - timedelta(seconds=1))
+        self.s3.put_object(Bucket=self.state_bucket, Key=key, Body=json.dumps(lease).encode(),
+                           ContentType="application/json")
 
     @property
     def state_display(self) -> str:
@@ -229,6 +309,139 @@ class Harness:
                 if line["outcome"] == outcome]
 
 
+class RunTimedOut(BaseException):
+    """An in-process run still going after its timeout (a BaseException, so that no
+    handler of the exporter's takes it for an error of its own)."""
+
+
+# Threads that serve the test, not the run: the stand-ins' servers and the test modules' own.
+TEST_THREAD_MODULES = {"socketserver"}
+
+
+def _runs_thread(thread: threading.Thread) -> bool:
+    """Whether ``thread`` was started by the exporter (or a pool of its), not by the test."""
+    target = getattr(thread, "_target", None)
+    module = getattr(target, "__module__", None) or ""
+    if module in TEST_THREAD_MODULES:
+        return False
+    source = getattr(sys.modules.get(module), "__file__", None) or ""
+    return not source.startswith(str(TESTS))
+
+
+class _RunOutput(io.TextIOBase):
+    """sys.stdout or sys.stderr during an in-process run. What the run writes (the thread
+    that called main, and the threads the run starts) goes to ``captured``; what a test's
+    own threads write meanwhile (a stand-in's server reporting a dropped connection) goes
+    on to ``outside``, as it would from another process."""
+
+    def __init__(self, captured: io.TextIOWrapper, outside, caller: int):
+        self.captured, self.outside, self.caller = captured, outside, caller
+
+    def _target(self):
+        thread = threading.current_thread()
+        return self.captured if thread.ident == self.caller or _runs_thread(thread) else self.outside
+
+    def write(self, text: str) -> int:
+        return self._target().write(text)
+
+    def flush(self) -> None:
+        self._target().flush()
+
+    def writable(self) -> bool:
+        return True
+
+    @property
+    def encoding(self) -> str:
+        return self.captured.encoding
+
+    @property
+    def errors(self) -> str:
+        return self.captured.errors
+
+
+def _captured_stream() -> tuple[io.BytesIO, io.TextIOWrapper]:
+    """A stream that encodes as the script's stdout does when started by the subprocess
+    harness (UTF-8 from the C locale, lone surrogates refused), over the bytes it wrote."""
+    raw = io.BytesIO()
+    return raw, io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", write_through=True)
+
+
+@contextlib.contextmanager
+def _time_limit(seconds: float):
+    """Raise RunTimedOut in the main thread after ``seconds``, as a subprocess's timeout would."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def expire(number, frame):
+        raise RunTimedOut(f"the in-process run was still going after {seconds} s")
+
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)
+
+
+def run_in_process(arguments, environment: dict[str, str], folder: Path, timeout: float,
+                   merged: bool) -> tuple[int, str, str]:
+    """Run ``metering_processor.main(arguments, environment)`` as a subprocess would run the
+    script: os.environ is the run's environment (boto3 and requests read it), the working
+    folder is ``folder``, argv[0] is the script, stdout and stderr are captured (one stream
+    when ``merged``). Returns (exit code, stdout, stderr).
+
+    Afterwards everything is as it was, and checked: the environment, folder and argv are
+    put back; the signal handlers and log handlers must be the ones found, and no thread
+    the run started may still be alive. An exception main lets out fails the test, as its
+    traceback would have failed the subprocess."""
+    import logging
+
+    import metering_processor
+
+    arguments = [str(argument) for argument in arguments]
+    caller = threading.get_ident()
+    signals = {number: signal.getsignal(number) for number in (signal.SIGTERM, signal.SIGINT)}
+    handlers = logging.getLogger().handlers[:]
+    threads_before = set(threading.enumerate())
+    saved_environ, saved_argv, saved_folder = dict(os.environ), sys.argv, os.getcwd()
+    zone = os.environ.get("TZ")
+    out_bytes, out = _captured_stream()
+    err_bytes, err = (out_bytes, out) if merged else _captured_stream()
+    os.environ.clear()
+    os.environ.update(environment)
+    if environment.get("TZ") != zone:
+        time.tzset()
+    sys.argv = [str(SCRIPT), *arguments]
+    os.chdir(folder)
+    try:
+        with contextlib.redirect_stdout(_RunOutput(out, sys.stdout, caller)), \
+                contextlib.redirect_stderr(_RunOutput(err, sys.stderr, caller)), _time_limit(timeout):
+            try:
+                code = metering_processor.main(arguments, os.environ)
+            except SystemExit as exit_:  # argparse: --help, --version, a bad argument
+                code = exit_.code if isinstance(exit_.code, int) else int(exit_.code is not None)
+    finally:
+        os.chdir(saved_folder)
+        sys.argv = saved_argv
+        os.environ.clear()
+        os.environ.update(saved_environ)
+        if environment.get("TZ") != zone:
+            time.tzset()
+    left = [thread for thread in set(threading.enumerate()) - threads_before
+            if _runs_thread(thread)]
+    for thread in left:
+        thread.join(2)
+    alive = [thread.name for thread in left if thread.is_alive()]
+    assert alive == [], "threads of the run outlived it"
+    handlers_now = {number: signal.getsignal(number) for number in signals}
+    assert handlers_now == signals, "the signal handlers were changed"
+    assert logging.getLogger().handlers == handlers, "the log handlers were changed"
+    # Read as the subprocess harness reads a pipe: UTF-8, strictly.
+    return code, out_bytes.getvalue().decode(), "" if merged else err_bytes.getvalue().decode()
+
+
 def fabricate_rejected(state_path: Path, service_key: str, hours, contracts, dimension: str = "replica_hours") -> int:
     """Records Clazar rejected, waiting as runs leave them: each hour's ledger file written
     by the exporter's own Ledger, and the state's count per hour. Returns how many."""
@@ -249,8 +462,8 @@ def fabricate_rejected(state_path: Path, service_key: str, hours, contracts, dim
 
 
 @pytest.fixture
-def harness(s3, seaweed, bucket, clazar, tmp_path) -> Harness:
-    return Harness(s3, seaweed, bucket, clazar, tmp_path)
+def harness(s3, seaweed, bucket, clazar, tmp_path, buckets) -> Harness:
+    return Harness(s3, seaweed, bucket, clazar, tmp_path, buckets)
 
 
 @pytest.fixture

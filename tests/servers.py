@@ -273,7 +273,8 @@ class Pushgateway:
         return f"{self.scheme}://{self.host}:{self.server.server_address[1]}"
 
     def __enter__(self) -> Pushgateway:
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
         return self
 
     def __exit__(self, *exc) -> None:

@@ -59,7 +59,8 @@ class Recorder:
         self.server.daemon_threads = True
         self.port = self.server.server_address[1]
         self.url = f"http://{host}:{self.port}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        threading.Thread(target=self.server.serve_forever, kwargs={"poll_interval": 0.05},
+                         daemon=True).start()
 
     def everything(self) -> str:
         return "\n".join(f"{line}\n{headers}\n{body!r}" for line, headers, body in self.requests)
@@ -296,13 +297,15 @@ def test_an_abandoned_exchange_is_not_waited_again_by_every_batch(harness, hours
     assert harness.clazar.metering_calls == 0 and "pending_hour" in harness.entry()
 
 
-def test_a_stop_while_waiting_for_a_trickled_answer_ends_within_ten_seconds(harness, hours):
+def test_a_stop_while_waiting_for_a_trickled_answer_ends_within_the_stop_timeout(harness, hours):
     stop = threading.Event()
     auth = Recorder("127.0.0.1", answer=trickle_forever(stop))
+    timeout = 3  # STOP_TIMEOUT_SECONDS, shorter than the default 10
     try:
         env = many_records(harness, hours, 8)
         process = harness.popen(env={**env, "CLAZAR_AUTH_URL": auth.url + "/authenticate/",
-                                     "CLAZAR_TIMEOUT_SECONDS": "5", "CLAZAR_BATCH_SIZE": "1"})
+                                     "CLAZAR_TIMEOUT_SECONDS": "5", "CLAZAR_BATCH_SIZE": "1",
+                                     "STOP_TIMEOUT_SECONDS": str(timeout)})
         waited = time.monotonic() + 30
         while not auth.requests and time.monotonic() < waited:
             time.sleep(0.1)
@@ -317,7 +320,7 @@ def test_a_stop_while_waiting_for_a_trickled_answer_ends_within_ten_seconds(harn
     finally:
         stop.set()
         auth.close()
-    assert took < 12, f"ended {took:.0f} s after the stop\n{output}"
+    assert took < timeout + 2, f"ended {took:.0f} s after the stop\n{output}"
     assert process.returncode == mp.EXIT_STOPPED, output
     assert harness.clazar.metering_calls == 0
 
