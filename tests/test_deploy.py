@@ -275,6 +275,7 @@ def test_config_env_example_is_valid_for_the_shell_and_the_exporter(tmp_path):
     assert config.state_path.startswith("s3://")
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (ROOT / ".venv" / "bin" / "ready").exists(), reason="make demo needs the project's .venv")
 def test_make_demo_runs_the_export_end_to_end():
     result = subprocess.run(["make", "demo"], cwd=ROOT, capture_output=True, text=True, timeout=300,
@@ -454,6 +455,7 @@ def test_the_project_table_matches_the_module_and_requirements_txt():
     assert pyproject()["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "metering_processor.__version__"}
 
 
+@pytest.mark.slow
 def test_pip_install_gives_a_working_metering_processor_command(tmp_path):
     """Build the wheel with this environment's setuptools (no index reached), install it into a
     scratch virtual environment whose dependencies come from this one, and run the command."""

@@ -1,17 +1,22 @@
 """Fault injection: each scenario breaks one thing during a real run, then a clean
 rerun follows. After both, every expected (contract, dimension, hour) must have been
 accepted by the stand-in exactly once with the right quantity, every attempt at a
-record must have carried the same quantity (nothing recomputed), no hour may be
-skipped, and no secret, token or e-mail address may appear in the DEBUG output."""
+record must have carried the same quantity (nothing recomputed), every record the
+stand-in answered "already exists" must be in the ledger as already delivered (never
+a conflict), no hour may be skipped, and no secret, token or e-mail address may appear
+in the DEBUG output."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections import defaultdict
 
+import metering_processor as mp
 import pytest
-from clazar_standin import call, hang, no_results, reset_after_landing, revoke_tokens, status
+from clazar_standin import (call, hang, no_results, reset_after_landing, revoke_tokens,
+                            short_results, status)
 from conftest import CLIENT_SECRET, SERVICE
 from export_data import GIB, iso, pod_records, record
 from servers import TCPProxy, free_ports
@@ -37,7 +42,7 @@ def write_dataset(harness, hours) -> dict:
     return expected
 
 
-def check(harness, hours, expected, outputs):
+def check(harness, hours, expected, outputs, secrets=()):
     clazar = harness.clazar
     assert clazar.accepted_quantities() == expected
     attempts = defaultdict(set)
@@ -45,11 +50,19 @@ def check(harness, hours, expected, outputs):
         attempts[sent["contract_id"], sent["dimension"], sent["start_time"]].add(sent["quantity"])
     assert {key: values for key, values in attempts.items() if len(values) > 1} == {}, "a record was recomputed"
     assert clazar.violations == []
+    # What landed before its answer was lost was resent, answered "already exists", and
+    # counted delivered: one ledger line for each such answer, and no conflict.
+    already = [line for line in harness.ledger_lines() if line["kind"] == "record"
+               and line["outcome"] == "already delivered"]
+    assert len(already) == clazar.outcomes().count("duplicate")
+    assert harness.waiting("conflict") == []
     entry = harness.entry()
     assert entry["last_processed_hour"] == iso(hours[HOURS - 1]), "an hour was skipped or left behind"
     assert "pending_hour" not in entry
     output = "\n".join(outputs)
     assert CLIENT_SECRET not in output and "buyer.example" not in output
+    for secret in secrets:
+        assert secret not in output
     for token in clazar.issued_tokens:
         assert token not in output
 
@@ -64,30 +77,46 @@ def closed_port() -> int:
     return free_ports(1)[0]
 
 
-# Each scenario: what to break, the exit code and a message of the faulty run,
-# and what to undo before the clean rerun.
+# Each scenario: what to break, the exit code and the messages of the faulty run; and,
+# where set, how many metering and authentication calls it makes (``calls``,
+# ``auth_calls``), whether nothing of it lands (``nothing_lands``), and how many records
+# come back "already exists" when the first hour is resent (``duplicates``). A faulty run that
+# exits 0 has delivered everything by itself; one that exits 1 leaves the first hour
+# pending, and the rerun resends it.
 CLAZAR_SCENARIOS = {
     "503-burst": dict(faults=[status(503)] * 3, code=0, message="Successfully sent data to Clazar"),
+    # Each refusal that is retried, one after another: each costs one call more than the
+    # nine batches of the three hours, no more.
+    "5xx-and-429-in-turn": dict(faults=[status(503), status(500), status(429, retry_after="1"),
+                                        status(429), status(502)],
+                                code=0, message="Successfully sent", calls=9 + 5),
     # The first hour goes out in three batches at once: every attempt of each must fail.
     "500-beyond-retries": dict(faults=[status(500)] * 9, env={"CLAZAR_MAX_RETRIES": "2"}, code=1,
-                               message="Clazar answered HTTP 500"),
+                               message="Clazar answered HTTP 500", nothing_lands=True),
     "429-retry-after": dict(faults=[status(429, retry_after="1")] * 2, code=0, message="Successfully sent"),
     "429-no-retry-after": dict(faults=[status(429)] * 3, code=0, message="Successfully sent"),
     "429-huge-retry-after-capped": dict(faults=[status(429, retry_after="86400")], code=0,
                                         env={"CLAZAR_RETRY_AFTER_MAX_SECONDS": "1"}, message="Successfully sent"),
     "hanging-answer": dict(faults=[hang(3)], env={"CLAZAR_TIMEOUT_SECONDS": "1"}, code=0, message="Successfully sent"),
     "hanging-beyond-retries": dict(faults=[hang(2)] * 6, env={"CLAZAR_TIMEOUT_SECONDS": "0.5", "CLAZAR_MAX_RETRIES": "1"},
-                                   code=1, message="no answer from"),
+                                   code=1, message="no answer from", nothing_lands=True),
     "reset-after-landing": dict(faults=[reset_after_landing()], code=0, message="already holds contract"),
-    "200-without-results": dict(faults=[no_results(land=True)], code=1, message="response has no results list"),
+    # Every batch of the first hour landed, one without a usable answer: the resent hour's
+    # five records all come back "already exists".
+    "200-without-results": dict(faults=[no_results(land=True)], code=1,
+                                message="response has no results list", duplicates=5),
     "200-without-results-not-landed": dict(faults=[no_results(land=False)], code=1, message="no results list"),
+    "200-short-results": dict(faults=[short_results()], code=1, message="results for",
+                              duplicates=5),
+    # The second metering call finds every token revoked: one new token, whatever is in flight.
     "tokens-revoked": dict(faults=[call(lambda records: None), revoke_tokens()], code=0,
-                           message="Clazar answered 401; authenticating again"),
+                           message="Clazar answered 401; authenticating again", auth_calls=2),
     "bad-credentials": dict(env={"CLAZAR_CLIENT_SECRET": "not-the-secret"}, code=1,
-                            message="Clazar refused authentication"),
+                            message=("Clazar refused authentication", "HTTP 401"),
+                            nothing_lands=True),
     "auth-server-errors": dict(auth_faults=[status(502), status(503)], code=0, message="Successfully sent"),
     "api-unreachable": dict(env={"CLAZAR_API_URL": "http://127.0.0.1:{port}/metering/", "CLAZAR_MAX_RETRIES": "1"},
-                            code=1, message="no answer from http://127.0.0.1:"),
+                            code=1, message="no answer from http://127.0.0.1:", nothing_lands=True),
 }
 
 
@@ -100,10 +129,29 @@ def test_clazar_faults(harness, hours, name):
     env = {key: value.format(port=closed_port()) for key, value in scenario.get("env", {}).items()}
     faulty = run(harness, hours, **env)
     assert faulty.returncode == scenario["code"], faulty.output
-    assert scenario["message"] in faulty.output
+    messages = scenario["message"]
+    for message in (messages,) if isinstance(messages, str) else messages:
+        assert message in faulty.output
+    if "calls" in scenario:
+        assert harness.clazar.metering_calls == scenario["calls"], faulty.output
+    if "auth_calls" in scenario:
+        assert harness.clazar.auth_calls == scenario["auth_calls"], faulty.output
+    if scenario["code"] == 0:
+        assert harness.clazar.accepted_quantities() == expected, "the faulty run delivered it all"
+    else:
+        entry = harness.entry()
+        assert entry["pending_hour"]["hour"] == iso(hours[0]) and "last_processed_hour" not in entry
+        if scenario.get("nothing_lands"):
+            assert harness.clazar.accepted_quantities() == {}
     clean = run(harness, hours)
     assert clean.returncode == 0, clean.output
-    check(harness, hours, expected, [faulty.output, clean.output])
+    if scenario["code"] != 0:
+        assert "Resending pending hour" in clean.output
+    if "duplicates" in scenario:
+        assert harness.clazar.outcomes().count("duplicate") == scenario["duplicates"]
+        assert "already holds contract" in clean.output
+    check(harness, hours, expected, [faulty.output, clean.output],
+          secrets=[env.get("CLAZAR_CLIENT_SECRET", CLIENT_SECRET)])
 
 
 @pytest.mark.parametrize("how", ["unknown-contract", "cancelled-contract", "unregistered-dimension"])
@@ -170,7 +218,7 @@ def test_s3_state_unreachable_at_commit_leaves_the_pending_hour_for_the_rerun(ha
     assert "cannot write state s3://" in faulty.output or "ledger s3://" in faulty.output
     proxy.restore()
     assert harness.entry()["pending_hour"]["hour"] == iso(hours[0])
-    time.sleep(5.5)  # the lease of the failed run could not be deleted; it lapses
+    harness.expire_lease()  # the lease of the failed run could not be deleted; it lapses
     clean = run(harness, hours)
     assert clean.returncode == 0, clean.output
     assert "Resending pending hour" in clean.output and "Took over the lease" in clean.output
@@ -229,15 +277,21 @@ def test_two_runs_started_together_only_one_works(harness, hours, state):
 
 
 def test_a_killed_run_with_s3_state_is_taken_over_after_its_lease_lapses(harness, hours):
+    """The lease that lapses in real time, STATE_LOCK_TTL_SECONDS after its last renewal (the
+    other tests of a killed run's lease make it lapse at once: Harness.expire_lease)."""
     harness.use_s3_state()
     expected = write_dataset(harness, hours)
-    process = harness.popen(env={"START_HOUR": iso(hours[0]), "CLAZAR_BATCH_SIZE": "2", "STATE_LOCK_TTL_SECONDS": "6"},
+    process = harness.popen(env={"START_HOUR": iso(hours[0]), "CLAZAR_BATCH_SIZE": "2",
+                                 "STATE_LOCK_TTL_SECONDS": "5"},
                             faults={"FAULT_KILL_AFTER_BATCH": "4"})
     output = process.communicate(timeout=120)[0]
     assert process.returncode == -9, output
     lease = harness.state_bytes(harness.state_key + ".lock")
     assert lease is not None and b"expires_at" in lease
-    time.sleep(6.5)
+    early = run(harness, hours)
+    assert early.returncode == 3 and "another run holds the lock" in early.output, early.output
+    expires = mp.parse_utc(json.loads(lease)["expires_at"])
+    time.sleep(max(0.0, (expires - mp.utc_now()).total_seconds()) + 1.0)
     clean = run(harness, hours)
     assert clean.returncode == 0, clean.output
     assert "Took over the lease" in clean.output

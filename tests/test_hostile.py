@@ -223,26 +223,6 @@ def test_a_bad_ledger_line_stops_the_run_with_exit_4_naming_it_and_the_hour_comp
 # --- configuration -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("variable, value, message", [
-    ("LEDGER_RETENTION_DAYS", "1000000", "LEDGER_RETENTION_DAYS: must be a whole number from 1 to 36500, got 1000000"),
-    ("CLAZAR_TIMEOUT_SECONDS", "1e308", "CLAZAR_TIMEOUT_SECONDS: must be a number from 0.1 to 600, got '1e308'"),
-    ("START_HOUR", "0001-01-01T00:00:00+01:00", "START_HOUR: must be a UTC hour from 2000-01-01T00:00:00Z to"),
-    ("CLAZAR_API_URL", "http://127.0.0.1:99999/metering/", "CLAZAR_API_URL: is not a URL urllib3 can parse"),
-])
-def test_a_variable_out_of_range_is_a_configuration_error_naming_it(harness, hours, variable, value, message):
-    harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
-    harness.write_marker(hours.final(1))
-    harness.env["METRICS_FILE"] = str(harness.folder / "metering.prom")
-    result = harness.run(env={variable: value})
-    assert result.returncode == 2
-    # One plain line on stderr, never a traceback.
-    assert result.output.startswith(f"metering_processor: configuration error: {message}")
-    assert len(result.output.strip().splitlines()) == 1
-    assert harness.clazar.auth_calls == 0 and harness.clazar.metering_calls == 0
-    assert harness.state_bytes() is None
-    assert "metering_run_exit_status 2" in metrics(harness)
-
-
 class Listener:
     """A TCP listener on another loopback address, counting who connects to it."""
 
@@ -425,14 +405,6 @@ def test_history_names_a_bad_late_line_instead_of_failing_as_a_defect(harness, h
     assert "Unexpected" not in result.output, result.output
     assert result.returncode == 4, result.output
     assert ledger_file.name in result.output
-
-
-def test_a_dimension_variable_with_a_huge_number_is_a_configuration_error(harness, hours):
-    env = one_hour(harness, hours)
-    result = harness.run(env={**env, f"DIMENSION{'1' * 5000}_NAME": "units"})
-    assert "Traceback" not in result.output, result.output[-600:]
-    assert result.returncode == 2, result.output[-600:]
-    assert harness.clazar.metering_calls == 0
 
 
 

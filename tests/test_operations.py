@@ -541,6 +541,7 @@ def test_the_readmes_operator_commands_work_as_written_with_the_config_loaded(ha
     assert f"last processed hour:   {iso(hours[0])}" in status.stdout
 
 
+@pytest.mark.slow
 def test_the_demo_fits_a_screen_and_warns_only_where_it_means_to():
     result = subprocess.run([sys.executable, str(ROOT / "demo" / "run_demo.py")], capture_output=True, text=True,
                             timeout=300, env={**os.environ, "PYTHONDONTWRITEBYTECODE": "1"})
