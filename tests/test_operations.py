@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -62,7 +62,9 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
     with open(lock, "w") as held:  # another run is working: status still answers
         fcntl.flock(held, fcntl.LOCK_EX)
         text = harness.run("status", env={**env, "CLAZAR_CLIENT_SECRET": None})
+        asked = datetime.now(timezone.utc)
         as_json = harness.run("status", "--json", env={**env, "CLAZAR_CLIENT_SECRET": None})
+        answered = datetime.now(timezone.utc)
     assert text.returncode == 0 and as_json.returncode == 0, text.output
     assert (harness.clazar.auth_calls, harness.clazar.metering_calls) == calls
     rows = json.loads(as_json.output)
@@ -85,8 +87,12 @@ def test_status_reports_where_each_service_stands_without_the_lock_or_clazar(har
     assert rows[0]["last_run"]["result"] == "rejected records" and rows[0]["last_run"]["sent"] == 1
     assert "hours behind marker:   3" in text.output and "rejected records:      1 waiting" in text.output
     assert f"last processed hour:   {iso(hours[0])}" in text.output
-    # The marker's data ends 26 hours ago: far past EXPORT_STALE_HOURS' default of 3.
-    assert 26 <= rows[0]["export_age_hours"] < 27
+    # The marker's data ends 26 hours ago (and the minutes of this hour): far past
+    # EXPORT_STALE_HOURS' default of 3. Rounded to a tenth, as the clock read while status ran.
+    def age(moment):
+        return round((moment - hours.final(4)) / timedelta(hours=1), 1)
+
+    assert 26 <= age(asked) <= rows[0]["export_age_hours"] <= age(answered)
     assert f"(final before {iso(hours.final(4))}) ({rows[0]['export_age_hours']:.1f} hours ago)" not in text.output
     assert f"export marker:         final before {iso(hours.final(4))} ({rows[0]['export_age_hours']:.1f} hours ago)" \
         in text.output
