@@ -5,7 +5,8 @@
 Starts SeaweedFS (an S3 server, from PyPI) and the Clazar stand-in on loopback,
 writes a day of realistic Omnistrate export data for two services and the
 completion marker, then runs metering_processor.py exactly as cron would (a
-config file exported with `set -a`, billing GiB-hours by formula), twice: the first run catches up the day,
+config file exported with `set -a`, the Clazar secret in a file of its own, billing
+GiB-hours by formula, one deployment on two marketplaces), twice: the first run catches up the day,
 the second finds nothing to do. Prints both logs (the first with the routine
 lines of all but its first hour left out; the whole log is kept in the work
 folder), `status`, and a table of what Clazar received, then shuts everything down.
@@ -98,24 +99,28 @@ def main() -> int:
 
         work = folder / "exporter"
         work.mkdir()
+        # As the cron recipe keeps it: the secret alone in a file beside config.env, mode 0600.
+        (work / "clazar_client_secret").write_text(SECRET + "\n")
+        (work / "clazar_client_secret").chmod(0o600)
         (work / "config.env").write_text("\n".join([
             f"S3_BUCKET_NAME={BUCKET}",
-            # Quoted: the file is read by the shell, and the service name has spaces.
-            f'SERVICES="{service_key(POSTGRES)},{service_key(VECTOR)}"',
+            # One deployment, two marketplaces: Postgres sells on AWS, the vector DB on Azure.
+            # Quoted: the file is read by the shell, and a service name has spaces.
+            f"SERVICES='{service_key(POSTGRES)}=aws,{service_key(VECTOR)}=azure'",
             f"CLAZAR_CLIENT_ID={clazar.client_id}",
-            f"CLAZAR_CLIENT_SECRET={SECRET}",
+            "CLAZAR_CLIENT_SECRET_FILE=./clazar_client_secret",
             f"CLAZAR_API_URL={clazar.metering_url}",
+            # The demo sends a whole day at once, as a first deployment catching up would: the
+            # exporter warns that 18 of those hours are past AWS's 6-hour window.
             f"START_HOUR={start:%Y-%m-%dT%H:00:00Z}",
-            # The demo sends a whole day at once, as a first deployment catching up would. AWS takes
-            # usage up to 6 hours late, and the exporter would warn about the 18 older hours.
-            "LATENESS_WINDOW_HOURS=25",
-            # The listing prices GiB-hours, not byte-hours: formulas convert, exactly, carrying fractions.
+            # The listing prices GiB-hours, not byte-hours: formulas convert, exactly, carrying
+            # fractions (config.env.example's four dimensions).
             "DIMENSION1_NAME=cpu_core_hours",
             "DIMENSION1_FORMULA=cpu_core_hours",
             "DIMENSION2_NAME=memory_gib_hours",
-            'DIMENSION2_FORMULA="memory_byte_hours / 1073741824"',
-            "DIMENSION3_NAME=storage_gib_hours",
-            'DIMENSION3_FORMULA="storage_allocated_byte_hours / 1024**3"',
+            "DIMENSION2_FORMULA=memory_byte_hours/1073741824",
+            "DIMENSION3_NAME=storage_allocated_gib_hours",
+            "DIMENSION3_FORMULA=storage_allocated_byte_hours/1073741824",
             "DIMENSION4_NAME=replica_hours",
             "DIMENSION4_FORMULA=replica_hours",
             "STATE_FILE_PATH=./metering_state.json",
@@ -153,9 +158,11 @@ def main() -> int:
             hours.add(hour)
         dimensions = sorted({dimension for per_contract in totals.values() for dimension in per_contract})
         print(f"=== What Clazar received: totals over {len(hours)} hours")
-        print(f"{'contract':<37}" + "".join(f"{dimension:>18}" for dimension in dimensions))
+        widths = [len(dimension) + 2 for dimension in dimensions]
+        print(f"{'contract':<37}" + "".join(f"{dimension:>{width}}" for dimension, width in zip(dimensions, widths)))
         for contract, per_contract in sorted(totals.items()):
-            print(f"{contract:<37}" + "".join(f"{per_contract.get(dimension, 0):>18}" for dimension in dimensions))
+            print(f"{contract:<37}" + "".join(f"{per_contract.get(dimension, 0):>{width}}"
+                                              for dimension, width in zip(dimensions, widths)))
         print(f"{len(clazar.accepted_quantities())} records accepted, each (contract, dimension, hour) once. "
               f"Metrics: {work / 'metering.prom'}")
         return 0 if codes == [0, 0] and not clazar.violations else 1

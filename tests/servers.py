@@ -61,8 +61,13 @@ def weed_binary() -> str:
 
 
 class SeaweedFS:
-    def __init__(self, directory: Path):
+    """``identities``: more S3 identities beside the administrator and the lister, each as
+    SeaweedFS's s3 configuration takes them: {"name", "credentials": [{"accessKey",
+    "secretKey"}], "actions": ["Read:bucket/prefix*", "List:bucket/prefix*", "Write:bucket"]}."""
+
+    def __init__(self, directory: Path, identities: list[dict] | tuple[dict, ...] = ()):
         self.directory = Path(directory)
+        self.identities = list(identities)
         self.process: subprocess.Popen | None = None
         self.s3_port = 0
 
@@ -91,6 +96,7 @@ class SeaweedFS:
                  "actions": ["Admin", "Read", "List", "Tagging", "Write"]},
                 {"name": "lister", "credentials": [{"accessKey": LISTER[0], "secretKey": LISTER[1]}],
                  "actions": ["List"]},
+                *self.identities,
             ]
         }
         config_path = self.directory / "s3.json"
