@@ -167,7 +167,10 @@ class Harness:
             "CLAZAR_CLIENT_ID": clazar.client_id,
             "CLAZAR_CLIENT_SECRET": clazar.client_secret,
             "CLAZAR_API_URL": clazar.metering_url,
-            "CLAZAR_BACKOFF_SECONDS": "0.01",
+            # The waits between retries are a twentieth of this (0.25 s, doubling) and a
+            # Retry-After is honoured up to three times it (15 s). Shorter would make the
+            # retries quicker, but a read timeout firing on a loaded machine would retry
+            # (and count) requests a test does not expect.
             "CLAZAR_TIMEOUT_SECONDS": "5",
             "STATE_FILE_PATH": str(self.state_path),
             "PYTHONDONTWRITEBYTECODE": "1",
@@ -239,9 +242,9 @@ class Harness:
         return self.env["STATE_FILE_PATH"]
 
     def expire_lease(self) -> None:
-        """Let the S3 lease a killed run left behind lapse now, as it would once its
-        STATE_LOCK_TTL_SECONDS had gone by: its expires_at rewritten a second in the past,
-        through the test's own client. Fails if there is no lease."""
+        """Let the S3 lease a killed run left behind lapse now, as it would 900 s after its
+        last renewal: its expires_at rewritten a second in the past, through the test's own
+        client. Fails if there is no lease."""
         key = self.state_key + ".lock"
         lease = json.loads(self.s3.get_object(Bucket=self.state_bucket, Key=key)["Body"].read())
         assert "expires_at" in lease, lease
