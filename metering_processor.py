@@ -756,8 +756,11 @@ class Setting:
     def shown_default(self) -> str:
         if self.shown is not None:
             return self.shown
-        return "(unset)" if self.default is None else str(self.default).lower() \
-            if isinstance(self.default, bool) else str(self.default)
+        if self.default is None:
+            return "(unset)"
+        if isinstance(self.default, bool):
+            return str(self.default).lower()
+        return f"{self.default:g}" if isinstance(self.default, float) else str(self.default)
 
     def shown_bounds(self) -> str:
         if self.kind in ("integer", "number"):

@@ -632,3 +632,14 @@ def test_main_leaves_no_thread_and_the_signal_handlers_as_they_were(capsys):
     assert set(threading.enumerate()) == threads
     assert {number: signal.getsignal(number) for number in handlers} == handlers
     assert "configuration error: S3_BUCKET_NAME" in capsys.readouterr().err
+
+
+def test_the_configuration_page_lists_the_settings_table_row_for_row():
+    """docs/configuration.md carries SETTINGS as it is: a setting added, removed or changed in
+    the code without the page (or the reverse) fails here."""
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parent.parent / "docs" / "configuration.md").read_text()
+    rows = [line for line in page.splitlines() if line.startswith("| `")]
+    assert rows == [f"| `{s.name}` | {s.shown_default()} | {s.shown_bounds()} | {s.meaning} |"
+                    for s in mp.SETTINGS]
