@@ -3556,7 +3556,10 @@ def check_ours(path: str, status: os.stat_result, what: str) -> None:
 
 def check_folder(path: str, what: str) -> None:
     """Raise StateError if the folder ``path`` may be written by others and is not the
-    user's own: anyone could plant or swap the files the exporter keeps there."""
+    user's own: anyone could plant or swap the files the exporter keeps there. Its owner
+    may always write it, so a folder of another user (root aside) is refused whatever its
+    mode: a ledger folder planted with mode 0755 would otherwise pass, and fail only once
+    the hour had been sent."""
     try:
         status = os.stat(path)
     except FileNotFoundError:
@@ -3564,7 +3567,7 @@ def check_folder(path: str, what: str) -> None:
     except OSError as error:
         raise StateError(f"cannot look at the folder of the {what} {path}: "
                          f"{error.strerror}") from None
-    if status.st_mode & 0o022 and status.st_uid != os.geteuid():
+    if status.st_uid != os.geteuid() and (status.st_mode & 0o022 or status.st_uid != 0):
         raise StateError(f"the folder {path} holding the {what} may be written by others and "
                          f"belongs to user id {status.st_uid}: files in it could be planted. Keep "
                          f"the {what} in a folder of your own (mode 0700)")
