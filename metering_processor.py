@@ -3411,10 +3411,13 @@ class ClazarClient:
 
     def token(self) -> str:
         """A valid access token, authenticating when there is none or it is about to expire.
-        Raises ClazarAuthError (nothing of the batch was sent)."""
+        Raises ClazarAuthError or RunStopped (nothing of the batch was sent)."""
         with self._lock:
             if self._token and self.clock() < self._token_expires:
                 return self._token
+            # A batch may have waited here for another's exchange: once a stop is asked
+            # for, no new request leaves.
+            STOP.check("before authenticating with Clazar")
             try:
                 credentials = {"client_id": self.config.client_id,
                                "client_secret": self.config.client_secret}
