@@ -27,6 +27,15 @@ from export_data import iso, service_key
 KEY = service_key(SERVICE)
 
 
+def deployment(harness) -> dict:
+    """The state's deployment entry: the pending hour and the last run's summary live there."""
+    return harness.state()["deployment"]
+
+
+def ledger_text(harness, hour) -> str:
+    return (harness.state_path.parent / "metering_ledger" / mp.Ledger.hour_file(hour)).read_text()
+
+
 class Recorder:
     """An HTTP server on a loopback address that records every request it gets
     (request line, headers, body) and answers ``answer`` (a callable taking the handler)."""
@@ -95,12 +104,15 @@ HUGE_ANSWER = 256 * 2**20
 
 class Flood:
     """An endpoint on 127.0.0.1 answering every request with ``status`` and HUGE_ANSWER
-    bytes of JSON whitespace (``headers`` added); counts how much of the answers the
-    client took before hanging up."""
+    bytes of JSON whitespace (``headers`` added), or, with ``token``, a token to
+    /authenticate/ and the flood to the rest; counts how much of the answers the client
+    took before hanging up, and keeps each request line."""
 
-    def __init__(self, status: bytes = b"200 OK", headers: bytes = b""):
+    def __init__(self, status: bytes = b"200 OK", headers: bytes = b"", token: bool = False):
         self.sent = 0
         self.connections = 0
+        self.request_lines: list[bytes] = []
+        self.token = token
         self.head = b"HTTP/1.1 " + status + b"\r\nContent-Type: application/json\r\n" + headers + \
             b"Content-Length: %d\r\n\r\n" % HUGE_ANSWER
         self.socket = socket.socket()
@@ -124,6 +136,12 @@ class Flood:
             request = b""
             while b"\r\n\r\n" not in request:
                 request += connection.recv(65536)
+            self.request_lines.append(request.split(b"\r\n", 1)[0])
+            if self.token and request.startswith(b"POST /authenticate/ "):
+                body = json.dumps({"access_token": "flood-token-0123456789", "expires_in": 3600}).encode()
+                connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+                                   b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+                return
             connection.sendall(self.head)
             chunk = b" " * 2**20
             sent = 0
@@ -143,14 +161,40 @@ def test_a_huge_clazar_answer_is_not_read_without_bound(harness, hours):
     flood = Flood()
     try:
         env = one_hour(harness, hours)
-        result = harness.run(env={**env, "CLAZAR_AUTH_URL": f"http://127.0.0.1:{flood.port}/authenticate/",
+        # Tokens come from the API's origin + /authenticate/: the flood answers that first request.
+        result = harness.run(env={**env, "CLAZAR_API_URL": f"http://127.0.0.1:{flood.port}/metering/",
                                   "CLAZAR_MAX_RETRIES": "0"}, timeout=300)
     finally:
         flood.close()
     assert result.returncode == 1, result.output
-    assert harness.clazar.metering_calls == 0
+    assert "cannot authenticate with Clazar" in result.output, result.output
+    # No metering request followed the authentication that failed.
+    assert flood.request_lines == [b"POST /authenticate/ HTTP/1.1"], flood.request_lines
     # A bounded reader hangs up long before the whole answer: the token answer is a few hundred bytes.
     assert flood.sent < 64 * 2**20, f"the client read {flood.sent} bytes of one answer"
+    assert "pending_hour" in deployment(harness) and "last_processed_hour" not in deployment(harness)
+
+
+def test_a_huge_answer_to_a_batch_is_refused_unread_and_the_hour_resent(harness, hours):
+    flood = Flood(token=True)
+    try:
+        env = one_hour(harness, hours)
+        result = harness.run(env={**env, "CLAZAR_API_URL": f"http://127.0.0.1:{flood.port}/metering/",
+                                  "CLAZAR_MAX_RETRIES": "0"}, timeout=300)
+    finally:
+        flood.close()
+    assert result.returncode == 1, result.output
+    assert f"Clazar's answer from http://127.0.0.1:{flood.port}/metering/ is larger than 16777216 bytes; it was " \
+           "not read" in result.output, result.output
+    assert flood.request_lines == [b"POST /authenticate/ HTTP/1.1", b"POST /metering/ HTTP/1.1"], flood.request_lines
+    assert flood.sent < 64 * 2**20, f"the client read {flood.sent} bytes of one answer"
+    # Its records may have landed: kept as sent without an answer, and resent by the next run.
+    assert deployment(harness)["pending_hour"]["hour"] == iso(hours[0])
+    assert [line["outcome"] for line in harness.ledger_lines()] == [mp.NO_ANSWER]
+    rerun = harness.run(env=env)
+    assert rerun.returncode == 0, rerun.output
+    assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
+    assert "pending_hour" not in deployment(harness)
 
 
 def test_a_trickling_clazar_answer_does_not_hang_the_run(harness, hours):
@@ -159,20 +203,24 @@ def test_a_trickling_clazar_answer_does_not_hang_the_run(harness, hours):
     try:
         env = one_hour(harness, hours)
         # 45 s is twenty times the longest wait the settings allow (1 s timeout, no retry).
-        ended, code, output = run_or_kill(harness, {**env, "CLAZAR_AUTH_URL": auth.url + "/authenticate/",
+        ended, code, output = run_or_kill(harness, {**env, "CLAZAR_API_URL": auth.url + "/metering/",
                                                     "CLAZAR_TIMEOUT_SECONDS": "1", "CLAZAR_MAX_RETRIES": "0"}, 45)
     finally:
         stop.set()
         auth.close()
     assert ended, "the run was still waiting for Clazar's answer"
     assert code == 1, output
+    assert "no complete answer from " + auth.url + "/authenticate/ within 3 s" in output, output
+    assert [line for line, _, _ in auth.requests] == ["POST /authenticate/ HTTP/1.1"]
+    assert "pending_hour" in deployment(harness)
 
 
 def test_a_retry_after_too_long_to_read_is_waited_as_the_cap(harness, hours):
-    # 5,000 digits are more than int() converts: the wait is the longest allowed, then the retry.
+    # 5,000 digits are more than int() converts: the wait is the longest allowed (three
+    # times CLAZAR_TIMEOUT_SECONDS: 4.5 s here), then the retry.
     env = one_hour(harness, hours)
     harness.clazar.faults.append(status(503, retry_after="9" * 5000))
-    result = harness.run(env={**env, "CLAZAR_MAX_RETRIES": "1", "CLAZAR_RETRY_AFTER_MAX_SECONDS": "1"})
+    result = harness.run(env={**env, "CLAZAR_MAX_RETRIES": "1", "CLAZAR_TIMEOUT_SECONDS": "1.5"})
     assert result.returncode == 0, result.output
     assert "a defect" not in result.output and "unexpected" not in result.output.lower(), result.output
     assert harness.clazar.metering_calls == 2
@@ -188,9 +236,9 @@ def test_an_address_straddling_the_cut_of_an_error_body_is_not_kept_in_part(harn
     harness.clazar.faults.append(status(400, body="x" * 270 + "jane.doe.buyer@customer-domain.example"))
     result = harness.run(env={**env, "CLAZAR_MAX_RETRIES": "0"})
     assert result.returncode == 1, result.output
-    error = harness.entry()["last_run"]["error"]
-    assert "HTTP 400" in error
-    for text in (error, result.output, harness.run("status").output):
+    error = deployment(harness)["last_run"]["error"]
+    assert "HTTP 400" in error and "[email]" in error
+    for text in (error, result.output, harness.run("status").output, harness.state_bytes().decode()):
         assert "jane.doe.buyer" not in text, text
 
 
@@ -200,9 +248,14 @@ def test_a_secret_straddling_the_cut_of_a_rejection_is_not_kept_in_part(harness,
     harness.clazar.rejected_contracts["c-1"] = "y" * 980 + "echo " + secret
     result = harness.run(env={**env, "CLAZAR_MAX_RETRIES": "0"})
     assert result.returncode == 1, result.output
-    ledger = (harness.state_path.parent / "metering_ledger" / mp.Ledger.hour_file(KEY, hours[0])).read_text()
+    ledger = ledger_text(harness, hours[0])
     assert '"outcome": "rejected"' in ledger
     assert secret[:12] not in ledger, ledger
+    assert "[redacted]" in ledger
+    for text in (result.output, harness.state_bytes().decode(), harness.report("conflicts").output,
+                 harness.report("history", "--contract", "c-1", "--from", iso(hours[0]), "--to", iso(hours[0]),
+                                "--json").output):
+        assert secret[:12] not in text, text
 
 
 def test_a_token_in_a_record_id_does_not_reach_the_ledger(harness, hours):
@@ -234,12 +287,12 @@ def test_a_json_escaped_secret_in_an_error_body_is_masked(harness, hours):
     harness.clazar.faults.append(status(400, body=f"credentials {secret} are not allowed here"))
     result = harness.run(env={**env, "CLAZAR_MAX_RETRIES": "0"})
     assert result.returncode == 1, result.output
-    error = harness.entry()["last_run"]["error"]
-    assert "HTTP 400" in error
+    error = deployment(harness)["last_run"]["error"]
+    assert "HTTP 400" in error and "[redacted]" in error
     escaped = json.dumps(secret)[1:-1]
-    for text in (error, result.output, harness.run("status").output):
+    for text in (error, result.output, harness.run("status").output, harness.state_bytes().decode()):
         assert "word-0123456789" not in text, text
-    assert escaped not in json.dumps(harness.entry())
+    assert escaped not in harness.state_bytes().decode()
 
 
 def test_a_huge_refusal_is_not_read_before_it_is_retried(harness, hours):
@@ -247,12 +300,14 @@ def test_a_huge_refusal_is_not_read_before_it_is_retried(harness, hours):
     flood = Flood(b"503 Service Unavailable", b"Retry-After: 0\r\n")
     try:
         env = one_hour(harness, hours)
-        result = harness.run(env={**env, "CLAZAR_AUTH_URL": f"http://127.0.0.1:{flood.port}/authenticate/",
-                                  "CLAZAR_MAX_RETRIES": "2", "CLAZAR_BACKOFF_SECONDS": "0"}, timeout=300)
+        # Retry-After: 0 leaves the waits to the backoff, a twentieth of CLAZAR_TIMEOUT_SECONDS, doubling.
+        result = harness.run(env={**env, "CLAZAR_API_URL": f"http://127.0.0.1:{flood.port}/metering/",
+                                  "CLAZAR_MAX_RETRIES": "2"}, timeout=300)
     finally:
         flood.close()
     assert result.returncode == 1 and "HTTP 503" in result.output, result.output
     assert flood.connections == 3
+    assert flood.request_lines == [b"POST /authenticate/ HTTP/1.1"] * 3, flood.request_lines
     assert flood.sent < 96 * 2**20, f"the client read {flood.sent} bytes of three answers"
 
 
@@ -285,16 +340,19 @@ def test_an_abandoned_exchange_is_not_waited_again_by_every_batch(harness, hours
     auth = Recorder("127.0.0.1", answer=trickle_forever(stop))
     try:
         env = many_records(harness, hours, 8)
-        ended, code, output = run_or_kill(harness, {**env, "CLAZAR_AUTH_URL": auth.url + "/authenticate/",
+        # Four requests are in flight at once; the batches queue for the token behind the first.
+        ended, code, output = run_or_kill(harness, {**env, "CLAZAR_API_URL": auth.url + "/metering/",
                                                     "CLAZAR_TIMEOUT_SECONDS": "1", "CLAZAR_MAX_RETRIES": "0",
-                                                    "CLAZAR_BATCH_SIZE": "1", "CLAZAR_CONCURRENCY": "1"}, 60)
+                                                    "CLAZAR_BATCH_SIZE": "1"}, 60)
     finally:
         stop.set()
         auth.close()
     assert ended and code == 1, output
     assert len(auth.requests) == 1, output
     assert "Clazar is not asked again in this run" in output
-    assert harness.clazar.metering_calls == 0 and "pending_hour" in harness.entry()
+    assert "pending_hour" in deployment(harness)
+    # Nothing left: every record is one never sent, resent by the next run.
+    assert [line["outcome"] for line in harness.ledger_lines()] == [mp.UNSENT] * 8
 
 
 def test_a_stop_while_waiting_for_a_trickled_answer_ends_within_the_stop_timeout(harness, hours):
@@ -303,7 +361,7 @@ def test_a_stop_while_waiting_for_a_trickled_answer_ends_within_the_stop_timeout
     timeout = 3  # STOP_TIMEOUT_SECONDS, shorter than the default 10
     try:
         env = many_records(harness, hours, 8)
-        process = harness.popen(env={**env, "CLAZAR_AUTH_URL": auth.url + "/authenticate/",
+        process = harness.popen(env={**env, "CLAZAR_API_URL": auth.url + "/metering/",
                                      "CLAZAR_TIMEOUT_SECONDS": "5", "CLAZAR_BATCH_SIZE": "1",
                                      "STOP_TIMEOUT_SECONDS": str(timeout)})
         waited = time.monotonic() + 30
@@ -321,8 +379,9 @@ def test_a_stop_while_waiting_for_a_trickled_answer_ends_within_the_stop_timeout
         stop.set()
         auth.close()
     assert took < timeout + 2, f"ended {took:.0f} s after the stop\n{output}"
-    assert process.returncode == mp.EXIT_STOPPED, output
-    assert harness.clazar.metering_calls == 0
+    assert process.returncode == mp.ExitCode.STOPPED, output
+    assert [line for line, _, _ in auth.requests] == ["POST /authenticate/ HTTP/1.1"]
+    assert "pending_hour" in deployment(harness)
 
 
 @pytest.mark.parametrize("variable", ["http://127.0.0.1_proxy", "all://127.0.0.1_proxy", "HTTP_PROXY", "ALL_PROXY"])
