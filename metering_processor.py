@@ -4156,7 +4156,10 @@ class Ledger:
                 continue
             for name in self._names(day):
                 if self._is_ledger_file(day, name):
-                    self.storage.delete(f"{day}/{name}")
+                    try:
+                        self.storage.delete(f"{day}/{name}")
+                    except StateError as error:
+                        raise LedgerError(str(error)) from None
                     deleted += 1
                 else:
                     foreign.append(f"{day}/{name}")
