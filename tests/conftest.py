@@ -525,3 +525,85 @@ def run_or_kill(harness, env, timeout):
         process.kill()
         output, _ = process.communicate()
         return False, process.returncode, output
+
+
+# --- helpers for 2.0.0's ledger, state and metrics (tests of the deployment rules) -----------
+
+
+def ledger_waiting(harness, outcome: str = "rejected") -> list[dict]:
+    """The ledger lines of the records waiting as ``outcome`` (rejected or conflict), found
+    as the exporter finds them: each hour's lines parsed, the latest line of a record its fate."""
+    import metering_processor as mp
+
+    by_hour: dict = {}
+    for data in harness.ledger_lines():
+        line = mp.ledger_line(data)
+        by_hour.setdefault(line.hour, []).append(line)
+    return [line.to_json() for hour in sorted(by_hour) for line in mp.waiting_records(by_hour[hour]).values()
+            if mp.waiting_as(line) == outcome]
+
+
+def fabricate_waiting(harness, hours, contracts, outcome: str = "rejected", dimension: str = "replica_hours") -> int:
+    """Records waiting as ``outcome`` (3 units each), as runs leave them: each hour's ledger
+    file written by the exporter's own Ledger, and the local state's count per hour.
+    Returns how many."""
+    from fractions import Fraction
+
+    import metering_processor as mp
+
+    folder = str(harness.state_path.parent)
+    ledger = mp.Ledger(mp.LocalStorage(folder + "/metering_ledger", "ledger"))
+    store = mp.StateStore(mp.LocalStorage(folder, "state"), harness.state_path.name,
+                          mp.LocalLock(str(harness.state_path) + ".lock"), str(harness.state_path))
+    state, at = store.load(), datetime.now(timezone.utc)
+    for hour in hours:
+        ledger.write_hour(hour, [mp.RecordLine(contract, dimension, hour, "aws", 3, outcome, at, Fraction(3),
+                                               Fraction(0), None, {"status": "fail"})
+                                 for contract in contracts])
+        state = state.with_waiting(hour, {outcome: len(contracts)})
+    store.save(state)
+    return len(hours) * len(contracts)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """The value of the one sample of ``name`` in a metrics file whose labels, besides
+    ``deployment`` (which every sample must have), are exactly ``labels``."""
+    import re
+
+    found = []
+    for line in text.splitlines():
+        match = re.fullmatch(r"([a-z_]+)\{(.*)\} (\S+)", line)
+        if match and match.group(1) == name:
+            pairs = dict(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', match.group(2)))
+            assert "deployment" in pairs, line
+            del pairs["deployment"]
+            if pairs == labels:
+                found.append(float(match.group(3)))
+    assert len(found) == 1, (name, labels, text)
+    return found[0]
+
+
+def answer_first_request_of(clazar: ClazarStandIn, contract: str, code: int, land: bool = False) -> None:
+    """The first metering request holding a record of ``contract`` is answered HTTP ``code``
+    (after its records land in the stand-in when ``land``); every other request as usual.
+    The batches of an hour leave several at once, so a fault meant for one record's batch
+    must pick its request by content, not by arrival."""
+    base = clazar.server.RequestHandlerClass
+    done: list[bool] = []
+
+    class Answering(base):
+        def _metering_request(self, body):
+            records = body.get("request") if isinstance(body, dict) else None
+            with clazar.lock:
+                mine = not done and isinstance(records, list) and any(
+                    isinstance(item, dict) and item.get("contract_id") == contract for item in records)
+                if mine:
+                    done.append(True)
+                    clazar.metering_calls += 1
+                    if land:
+                        clazar._meter(records)
+            if not mine:
+                return super()._metering_request(body)
+            return self._reply(code, {"detail": "scripted"})
+
+    clazar.server.RequestHandlerClass = Answering
