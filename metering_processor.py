@@ -2947,9 +2947,13 @@ def s3_client(workers: int = S3_READ_CONCURRENCY) -> Any:
     # Keep S3's timestamps as the strings they arrive as (the AWS CLI does the same):
     # nothing here reads LastModified, and parsing it was a third of the CPU of a GET.
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
+    # An endpoint over plain http (loopback only, see _s3_endpoint) is reached directly:
+    # botocore would send its signed requests and the session token through any *_proxy.
+    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "")
+    direct = {"proxies": {}} if endpoint.strip().lower().startswith("http://") else {}
     return boto3.session.Session(botocore_session=session).client("s3", config=BotoConfig(
         max_pool_connections=workers + 4, connect_timeout=10, read_timeout=30,
-        retries={"mode": "standard", "max_attempts": 4}))
+        retries={"mode": "standard", "max_attempts": 4}, **direct))
 
 
 def error_code(error: Exception) -> str:
