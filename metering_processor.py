@@ -5572,14 +5572,18 @@ def command_run(config: Config, arguments: argparse.Namespace, environ: Environ)
 def command_status(config: Config, arguments: argparse.Namespace, environ: Environ) -> int:
     """Print where the deployment stands. Reads the state and the marker; takes no lock."""
     client = s3_client(1)
-    state = open_state_store(config, client).load()
+    store = open_state_store(config, client)
+    state = store.load()
     source = ExportSource(client, config.bucket, config.max_export_file_bytes,
                           config.s3_timeout_seconds, 1)
     try:
         marker, marker_error = read_marker(source)
     finally:
         source.close()
-    status = deployment_status(config, state, marker, marker_error, utc_now())
+    # Where it looked, as every command says it: an absolute path (a relative
+    # STATE_FILE_PATH is resolved against the folder it runs in) or the S3 URL.
+    status = {**deployment_status(config, state, marker, marker_error, utc_now()),
+              "state": store.display}
     text = json.dumps(status, indent=2) if arguments.json else \
         format_status(status, config.export_stale_hours)
     print(mask_known_secrets(text))
