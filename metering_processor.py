@@ -2656,7 +2656,10 @@ class DeploymentState:
                                    clouds=clouds)
 
     def with_run(self, run: Mapping[str, Any], at: datetime, succeeded: bool) -> DeploymentState:
-        """The state with this run's summary recorded, for ``status`` and the metrics."""
+        """The state with this run's summary recorded, for ``status`` and the metrics. Times
+        are kept to the second, as the state writes them, so that the metrics of this run and
+        of later ones give the same last success."""
+        at = at.replace(microsecond=0)
         return dataclasses.replace(self, last_run=dict(run),
                                    last_success_at=at if succeeded else self.last_success_at)
 
