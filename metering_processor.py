@@ -5548,6 +5548,9 @@ def publish_run(config: Config | None, environ: Mapping[str, str], dry_run: bool
             return
         deployment = deployment_name((environ.get("STATE_FILE_PATH") or "").strip()
                                      or "./metering_state.json")
+        # A path from bytes that are not UTF-8 (refused above) is labelled with those bytes
+        # escaped: no UTF-8 text can hold them as they are.
+        deployment = deployment.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
     text = render_metrics(config, report, state, code, started, duration, deployment)
     publish_metrics(*targets, deployment, text)
 
