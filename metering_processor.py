@@ -4550,11 +4550,21 @@ class Exporter:
         for key, cloud in sorted(pending.services.items()):
             service = self.config.service(key)
             if service is not None and service.cloud != cloud:
+                # Name a record computed for the old marketplace: first one the new one refuses.
+                limit = self.config.record_limit(service.cloud)
+                computed = [record for record in pending.records if record["cloud"] == cloud]
+                refused = [record for record in computed
+                           if over_limit({**record, "cloud": service.cloud}, limit)]
+                named = "".join(
+                    f" ({len(computed)} {cloud} record(s), e.g. contract {record['contract_id']} "
+                    f"dimension {record['dimension']} quantity {record['quantity']}"
+                    + (f", above the {limit} one {service.cloud} record may carry" if refused
+                       else "") + ")" for record in (refused or computed)[:1])
                 raise QuantityError(
                     f"pending hour {display_hour(pending.hour)} was computed with {key} on "
-                    f"{cloud}, which is now configured as {service.cloud}; nothing of it was sent. "
-                    f"Set it back to ={cloud} until the hour is sent (see the README, 'A pending "
-                    "hour the configuration refuses')")
+                    f"{cloud}, which is now configured as {service.cloud}{named}; nothing of it "
+                    f"was sent. Set it back to ={cloud} until the hour is sent (see the README, "
+                    "'A pending hour the configuration refuses')")
         for record in pending.records:
             problem = over_limit(record, self.config.record_limit(record["cloud"]))
             if problem:
