@@ -4155,7 +4155,8 @@ class Ledger:
         """Delete the hour files of day folders older than ``keep_days`` days, except the days
         in ``keep`` (records still wait there). Only files this exporter wrote are deleted,
         known by name and by content; anything else stays, and is returned to be named.
-        Returns (how many files were deleted, what was left that is not the ledger's)."""
+        Returns (how many files were deleted, what was left that is not the ledger's).
+        Raises LedgerError (a file that cannot be listed or deleted)."""
         oldest, kept = day_folder(today - timedelta(days=keep_days)), set(keep)
         deleted, foreign = 0, []
         for day in self._names(""):
