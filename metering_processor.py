@@ -4449,12 +4449,17 @@ class Exporter:
             self.save(state)
 
     def _admit_services(self, state: DeploymentState, last: datetime) -> DeploymentState:
+        pending = state.pending
         for service in self.config.services:
             entry = state.service(service.key)
-            if entry.last_processed_hour is None or entry.last_processed_hour < last:
+            # A pending hour is sent as it was computed: a service it was not read from
+            # starts after it.
+            start = pending.hour if pending is not None and service.key not in pending.services \
+                else last
+            if entry.last_processed_hour is None or entry.last_processed_hour < start:
                 log.warning("Service %s is new to this deployment: it starts with hour %s; its "
-                            "earlier hours are not billed", service.key, display_hour(last + HOUR))
-                entry = dataclasses.replace(entry, last_processed_hour=last)
+                            "earlier hours are not billed", service.key, display_hour(start + HOUR))
+                entry = dataclasses.replace(entry, last_processed_hour=start)
                 state = state.with_service(service.key, entry)
         return state
 
