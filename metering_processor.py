@@ -5566,7 +5566,8 @@ def publish_run(config: Config | None, environ: Mapping[str, str], dry_run: bool
                                      or "./metering_state.json")
         # A path from bytes that are not UTF-8 (refused above) is labelled with those bytes
         # escaped: no UTF-8 text can hold them as they are.
-        deployment = deployment.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        deployment = deployment.encode("utf-8", "surrogateescape").decode("utf-8",
+                                                                          "backslashreplace")
     text = render_metrics(config, report, state, code, started, duration, deployment)
     publish_metrics(*targets, deployment, text)
 
