@@ -5235,6 +5235,13 @@ def retry_failed(config: Config, store: StateStore, state: DeploymentState, ledg
     code = ExitCode.OK
     for when in waiting_hours(state, REJECTED, hour):
         chosen = list_waiting(state, ledger, REJECTED, contract, when)
+        # The per-record limit holds for every send: a record above today's stays waiting.
+        refused = {line.key: over_limit(line.record(), config.record_limit(line.cloud))
+                   for line in chosen}
+        for problem in filter(None, refused.values()):
+            log.error("Not resent: %s; it keeps waiting", problem)
+            code = ExitCode.FAILED
+        chosen = [line for line in chosen if not refused[line.key]]
         if sender is None:
             log.info("Dry run: would resend %d rejected record(s) of hour %s", len(chosen),
                      display_hour(when))
