@@ -535,6 +535,31 @@ def test_a_lagging_service_holds_the_deployments_later_hours_and_is_named(harnes
     assert json.loads(harness.report("status", "--json", env=env).output)["holding"] is None
 
 
+@pytest.mark.parametrize("entry", ["missing", "malformed"])
+def test_a_services_marker_entry_at_fault_stops_the_deployment_and_names_it(harness, hours, tmp_path, entry):
+    for i in range(2):
+        write(harness, A, hours[i], {"sub-AAAAAAAAAA": [row(A, hours[i], "c-1", 1)]})
+        write(harness, B, hours[i], {"sub-BBBBBBBBBB": [row(B, hours[i], "c-2", 1, subscription="sub-BBBBBBBBBB")]})
+    marker = {KEY_A: {"last_processed_to": iso(hours.final(2) - timedelta(seconds=1))}}
+    if entry == "malformed":
+        marker[KEY_B] = {"last_processed_to": "yesterday"}
+    harness.s3.put_object(Bucket=harness.bucket, Key=export_data.MARKER_KEY, Body=json.dumps(marker).encode())
+    metrics = tmp_path / "metering.prom"
+    env = {**BOTH, "START_HOUR": iso(hours[0]), "METRICS_FILE": str(metrics)}
+    result = harness.run(env=env)
+    assert result.returncode == 1, result.output
+    problem = (f"export marker has no entry for {KEY_B!r}; it holds 1 key(s): {KEY_A!r}" if entry == "missing"
+               else f"entry {KEY_B!r}")
+    assert problem in result.output
+    assert harness.clazar.metering_calls == 0, "A's final hours wait too: the deployment is one unit"
+    assert f"; waiting for {KEY_B}; FAILED: " in summary(result)
+    assert metric_value(metrics.read_text(), "metering_service_holding", service=KEY_B) == 1
+    assert metric_value(metrics.read_text(), "metering_service_holding", service=KEY_A) == 0
+    status = json.loads(harness.report("status", "--json", env=env).output)
+    assert status["holding"] == KEY_B and status["hours_behind"] is None
+    assert [row_["marker"].startswith("error: ") for row_ in status["services"]] == [False, True]
+
+
 def test_a_bad_file_in_one_service_fails_the_hour_for_all(harness, hours):
     write(harness, A, hours[0], {"sub-AAAAAAAAAA": [row(A, hours[0], "c-1", 2)]})
     write(harness, B, hours[0], {"sub-BBBBBBBBBB": b'[{"value": "broken"'})
@@ -580,6 +605,37 @@ def test_a_service_added_to_services_starts_at_the_deployments_next_hour_with_on
     later = harness.run(env=env)
     assert later.returncode == 0 and "new to this deployment" not in later.output, later.output
     assert harness.clazar.accepted_quantities()[("c-2", "cpu_core_hours", iso(hours[3]))] == 5
+
+
+def test_a_service_added_while_an_hour_is_pending_starts_after_it_with_one_warning(harness, hours):
+    for i in range(3):
+        write(harness, A, hours[i], {"sub-AAAAAAAAAA": [row(A, hours[i], "c-1", 1)]})
+        write(harness, B, hours[i], {"sub-BBBBBBBBBB": [row(B, hours[i], "c-2", 5, subscription="sub-BBBBBBBBBB")]})
+    finals(harness, A=hours.final(2), B=hours.final(2))
+    # Hour 0 is billed; hour 1 is left pending (its batch met a 500), computed from A alone.
+    alone = {**services(KEY_A), "START_HOUR": iso(hours[0]), "CLAZAR_MAX_RETRIES": "0", "MAX_HOURS_PER_RUN": "1"}
+    assert harness.run(env=alone).returncode == 0
+    harness.clazar.faults.append(status(500))
+    assert harness.run(env=alone).returncode == 1
+    assert deployment(harness)["pending_hour"]["hour"] == iso(hours[1])
+    # B joins while hour 1 is pending: hour 1 goes out as it was computed, so B starts with hour 2.
+    finals(harness, A=hours.final(3), B=hours.final(3))
+    env = {**BOTH, "START_HOUR": iso(hours[0])}
+    added = harness.run(env=env)
+    assert added.returncode == 0, added.output
+    later = harness.run(env=env)
+    assert later.returncode == 0, later.output
+    warnings = [line for output in (added.output, later.output) for line in output.splitlines()
+                if "new to this deployment" in line]
+    assert len(warnings) == 1 and warnings[0].endswith(
+        f"Service {KEY_B} is new to this deployment: it starts with hour {hours[2]:%Y-%m-%d %H:%M:%S}; its earlier "
+        "hours are not billed"), warnings
+    assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 1,
+                                                    ("c-1", "cpu_core_hours", iso(hours[1])): 1,
+                                                    ("c-1", "cpu_core_hours", iso(hours[2])): 1,
+                                                    ("c-2", "cpu_core_hours", iso(hours[2])): 5}
+    state = harness.state()
+    assert state[KEY_A]["last_processed_hour"] == state[KEY_B]["last_processed_hour"] == iso(hours[2])
 
 
 def test_the_original_scripts_state_is_a_starting_point_and_keeps_each_services_hour_where_it_was(harness, hours):

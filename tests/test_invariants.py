@@ -494,6 +494,27 @@ def test_a_quantity_above_the_marketplace_limit_fails_its_hour_before_anything_i
                                                     ("c-1", "cpu_core_hours", iso(hours[0])): 2}
 
 
+def test_retry_failed_checks_the_limit_as_every_send_does(harness, hours):
+    rewrite(harness, hours[0], {"c-9": 5})
+    harness.write_marker(hours.final(1))
+    env = {"START_HOUR": iso(hours[0])}
+    harness.clazar.rejected_contracts = {"c-9": "Contract is not active yet"}
+    assert harness.run(env=env).returncode == 1
+    harness.clazar.rejected_contracts = {}
+    calls = harness.clazar.metering_calls
+    # Meanwhile the limit came down below the waiting record's quantity.
+    refused = harness.run("retry-failed", env={**env, "MAX_RECORD_QUANTITY": "4"})
+    assert refused.returncode == 1, refused.output
+    assert (f"contract c-9 dimension cpu_core_hours hour {iso(hours[0])} has quantity 5, above the 4 one aws record "
+            "may carry (MAX_RECORD_QUANTITY)") in refused.output
+    assert harness.clazar.metering_calls == calls and harness.clazar.accepted_quantities() == {}
+    assert [(line["contract_id"], line["outcome"]) for line in waiting(harness)] == [("c-9", "rejected")]
+    assert deployment(harness)["waiting"] == {iso(hours[0]): {"rejected": 1}}
+    retried = harness.run("retry-failed", env=env)
+    assert retried.returncode == 0, retried.output
+    assert harness.clazar.accepted_quantities() == {("c-9", "cpu_core_hours", iso(hours[0])): 5}
+
+
 def test_late_usage_carried_above_the_record_limit_is_billed_over_several_hours(harness, hours):
     env = {"START_HOUR": iso(hours[0]), **CARRY, "MAX_RECORD_QUANTITY": None}  # AWS's limit
     harness.write_marker(hours.final(1))
