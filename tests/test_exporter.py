@@ -1,4 +1,5 @@
-"""End to end: the real script, as a subprocess, against SeaweedFS and the Clazar stand-in."""
+"""End to end: the real script against SeaweedFS and the Clazar stand-in (in this process
+through main() unless a test kills it, then as a subprocess)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from pathlib import Path
 
 import pytest
 from clazar_standin import call, revoke_tokens, status
-from conftest import CLIENT_SECRET, SERVICE, cpu, five_records_in_three_batches
-from export_data import GIB, current_hour, files_with_refusals, iso, pod_records, record, service_key
+from conftest import CLIENT_SECRET, SERVICE, cpu, five_records_in_three_batches, ledger_waiting, metric_value
+from export_data import GIB, current_hour, files_with_refusals, hour_prefix, iso, pod_records, record, service_key
 from servers import LISTER
 
 KEY = service_key(SERVICE)
@@ -31,6 +32,18 @@ def expect(hour, *items):
 
 def assert_clean(harness):
     assert harness.clazar.violations == []
+
+
+def deployment(harness) -> dict:
+    """The state's deployment entry (state format version 2)."""
+    state = harness.state()
+    assert state["version"] == 2, state
+    return state["deployment"]
+
+
+def record_lines(harness, hour=None) -> list[dict]:
+    return [line for line in harness.ledger_lines()
+            if line["kind"] == "record" and (hour is None or line["hour"] == iso(hour))]
 
 
 # --- aggregation ---------------------------------------------------------------
@@ -54,15 +67,21 @@ def test_aggregates_files_pods_and_contracts_of_an_hour(harness, hours):
         ("c-2", "cpu_core_hours", 2), ("c-2", "memory_byte_hours", 8 * GIB),
         ("c-2", "storage_allocated_byte_hours", 10 * GIB), ("c-2", "replica_hours", 1),
     )
-    assert harness.entry()["last_processed_hour"] == iso(h)
-    assert "pending_hour" not in harness.entry()
+    assert harness.entry() == {"last_processed_hour": iso(h), "hours_by_marker": True}
+    assert deployment(harness)["last_processed_hour"] == iso(h)
+    assert "pending_hour" not in deployment(harness)
     for message in ("Starting processing for Acme Vector DB/PROD/pt-Q7rT2bX9kL",
                     f"Processing hour 1/1: {h:%Y-%m-%d %H}:00:00",
-                    "Found 3 subscription files in omnistrate-metering/Acme Vector DB/PROD/pt-Q7rT2bX9kL/",
+                    f"Found 3 subscription files in {hour_prefix(SERVICE, h)}",
                     "Aggregated 16 records into 8 entries", "Sending 8 metering records to Clazar",
                     "Successfully sent data to Clazar", f"Saved state to {harness.state_path}",
-                    "Finished Acme Vector DB/PROD/pt-Q7rT2bX9kL: 1 hour(s) processed, 8 record(s) sent"):
-        assert message in result.output
+                    "Finished: 1 hour(s) processed, 8 record(s) sent, 0 already delivered, 0 rejected, "
+                    f"0 unattributable; last processed hour {h:%Y-%m-%d %H}:00:00; 0 hour(s) behind"):
+        assert result.output.count(message) == 1, message
+    # The ledger: one line per (contract, dimension) of the hour, its amount in decimal text.
+    lines = {(line["contract_id"], line["dimension"]): line for line in record_lines(harness, h)}
+    assert len(lines) == 8 and {line["outcome"] for line in lines.values()} == {"delivered"}
+    assert (lines["c-1", "cpu_core_hours"]["quantity"], lines["c-1", "cpu_core_hours"]["amount"]) == (8, "8")
     assert_clean(harness)
 
 
@@ -98,12 +117,21 @@ def test_fractions_are_carried_so_billed_units_equal_the_whole_part_of_the_total
     # 0.4 core-hours an hour for five hours is 2 units in total, billed as the carry crosses each whole unit.
     for i in range(5):
         harness.write_hour(hours[i], {"sub-FFFFFFFFFF": [cpu(hours[i], "c-1", "sub-FFFFFFFFFF", 0.4)]})
+    harness.write_marker(hours.final(3))
+    first = harness.run(env={"START_HOUR": iso(hours[0])})
+    assert first.returncode == 0, first.output
+    # 1.2 after three hours: 1 billed, 0.2 carried, kept as a decimal.
+    assert deployment(harness)["remainders"] == {"c-1": {"cpu_core_hours": "0.2"}}
     harness.write_marker(hours.final(5))
     result = harness.run(env={"START_HOUR": iso(hours[0])})
     assert result.returncode == 0, result.output
     assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[2])): 1, ("c-1", "cpu_core_hours", iso(hours[4])): 1}
-    assert harness.entry()["remainders"] == {}
-    assert "fractional value" in result.output
+    assert deployment(harness)["remainders"] == {}
+    assert "fractional value" in first.output and "fractional value" in result.output
+    # Each hour's line in the ledger: its own amount, what it carried in, what it billed.
+    assert [(line["amount"], line["carried_in"], line["quantity"], line["outcome"]) for line in record_lines(harness)] == [
+        ("0.4", "0", 0, "not sent: zero quantity"), ("0.4", "0.4", 0, "not sent: zero quantity"),
+        ("0.4", "0.8", 1, "delivered"), ("0.4", "0.2", 0, "not sent: zero quantity"), ("0.4", "0.6", 1, "delivered")]
 
 
 @pytest.mark.slow
@@ -139,22 +167,43 @@ def test_only_hours_the_marker_declares_final_are_sent(harness, hours):
     harness.write_marker(hours.final(3))
     assert harness.run(env={"START_HOUR": iso(hours[0])}).returncode == 0
     assert sorted(key[2] for key in accepted(harness)) == [iso(hours[i]) for i in range(3)]
-    assert harness.entry()["last_processed_hour"] == iso(hours[2])
+    assert harness.entry()["last_processed_hour"] == deployment(harness)["last_processed_hour"] == iso(hours[2])
 
     harness.write_marker(hours.final(5))
     assert harness.run(env={"START_HOUR": iso(hours[0])}).returncode == 0
     assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[i])): i + 1 for i in range(5)}
 
 
-def test_a_marker_without_this_service_stops_it_and_names_the_keys(harness, hours):
+SECOND = ("Acme Vector DB", "PROD", "pt-Zr4Wq8Ny2M")
+BOTH = {"SERVICES": f"{KEY},{service_key(SECOND)}", "SERVICE_NAME": None, "ENVIRONMENT_TYPE": None, "PLAN_ID": None}
+
+
+@pytest.mark.parametrize("fault", ["no-entry", "bad-entry"])
+def test_a_marker_problem_of_one_service_stops_the_whole_deployment_and_names_it(harness, hours, fault):
+    """The deployment is one unit: SERVICE's hour is final, but SECOND's entry is missing or
+    unreadable, so nothing is sent, for either service, and the run fails naming SECOND."""
     harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 1)]})
-    harness.write_marker(hours.final(1), services=[("Other", "DEV", "pt-other")])
-    result = harness.run(env={"START_HOUR": iso(hours[0])})
+    harness.write_hour(hours[0], {"sub-BBBBBBBBBB": [record(SECOND, hours[0], contract="c-2", subscription="sub-BBBBBBBBBB",
+                                                            dimension="cpu_core_hours", value=1)]}, service=SECOND)
+    marker = {KEY: {"last_processed_to": iso(hours.final(1) - timedelta(seconds=1))},
+              "Other:DEV:pt-other": {"last_processed_to": iso(hours.final(1) - timedelta(seconds=1))}}
+    if fault == "bad-entry":
+        marker[service_key(SECOND)] = {"last_processed_to": "yesterday"}
+    harness.s3.put_object(Bucket=harness.bucket, Key="omnistrate-metering/last_success_export.json",
+                          Body=json.dumps(marker).encode())
+    result = harness.run(env={"START_HOUR": iso(hours[0]), **BOTH})
     assert result.returncode == 1
-    assert "export marker has no entry for 'Acme Vector DB:PROD:pt-Q7rT2bX9kL'" in result.output
-    assert "'Other:DEV:pt-other'" in result.output
-    assert accepted(harness) == {}
-    assert "last_processed_hour" not in harness.state().get(KEY, {})
+    errors = "\n".join(result.lines("ERROR"))
+    if fault == "no-entry":
+        assert f"export marker has no entry for '{service_key(SECOND)}'; it holds 2 key(s): " \
+               f"'{KEY}', 'Other:DEV:pt-other'" in errors
+    else:
+        assert f"entry '{service_key(SECOND)}'" in errors and "yesterday" in errors
+    assert "; waiting for " + service_key(SECOND) in errors, "the summary names the service holding the rest"
+    assert accepted(harness) == {} and harness.clazar.metering_calls == 0
+    state = harness.state()
+    assert "last_processed_hour" not in state["deployment"] and "pending_hour" not in state["deployment"]
+    assert "last_processed_hour" not in state.get(KEY, {}) and "last_processed_hour" not in state.get(service_key(SECOND), {})
 
 
 def test_without_a_marker_closed_hours_are_processed_with_a_warning(harness):
@@ -222,9 +271,11 @@ def test_first_run_starts_a_day_before_the_current_hour(harness):
     state = harness.folder / "metering_state.json"
     assert f" - INFO - State {state} (lock {state}.lock); ledger {harness.folder / 'metering_ledger'}" \
         in result.lines()[0]
+    # The deployment, not a service, has no processed hour: the line names no service key.
     assert (f" - WARNING - No previous processing found, starting from {now - timedelta(hours=24):%Y-%m-%d %H}:00:00 "
-            f"(24 hours before the current hour; START_HOUR is unset): the state {state} has no processed hour for {KEY}"
+            f"(24 hours before the current hour; START_HOUR is unset): the state {state} has no processed hour\n"
             in result.output)
+    assert json.loads(state.read_text())["deployment"]["first_hour"] == iso(now - timedelta(hours=24))
     assert accepted(harness) == {("c-1", "cpu_core_hours", iso(now - timedelta(hours=24))): 24}
 
 
@@ -243,23 +294,50 @@ def test_hours_are_utc_whatever_the_machine_time_zone(harness, hours, zone):
 # --- several services -------------------------------------------------------------
 
 
-def test_several_services_in_one_run_and_one_failing_does_not_stop_the_others(harness, hours):
+def test_several_services_are_billed_as_one_and_a_bad_file_in_one_holds_them_all(harness, hours):
+    """Names with spaces, accents and a colon; the deployment is one unit: a bad file in one
+    service fails the hour for every service (nothing sent, no hour committed, later hours
+    wait), and once it is fixed the hour goes out with every service's usage, a contract
+    shared by two services as one record of their sum."""
     good = ("Scalar DB Enterprise Édition", "DEV", "pt-Dd01Ee02Ff")
     broken = ("Broken: Service", "PROD", "pt-Broken0001")
     h = hours[0]
-    harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
-    harness.write_hour(h, {"sub-BBBBBBBBBB": [record(good, h, contract="c-2", subscription="sub-BBBBBBBBBB",
-                                                     dimension="replica_hours", value=2)]}, service=good)
+    for hour in (h, hours[1]):
+        harness.write_hour(hour, {"sub-AAAAAAAAAA": [cpu(hour, "c-1", "sub-AAAAAAAAAA", 3)]})
+        harness.write_hour(hour, {"sub-BBBBBBBBBB": [record(good, hour, contract="c-2", subscription="sub-BBBBBBBBBB",
+                                                            dimension="replica_hours", value=2),
+                                                     record(good, hour, contract="c-1", subscription="sub-BBBBBBBBBB",
+                                                            dimension="cpu_core_hours", value=4)]}, service=good)
     keys = harness.write_hour(h, {"sub-XXXXXXXXXX": b"[{\"value\": 1"}, service=broken)
-    harness.write_marker(hours.final(1), services=[SERVICE, good, broken])
+    harness.write_hour(hours[1], {"sub-XXXXXXXXXX": [record(broken, hours[1], contract="c-3", subscription="sub-XXXXXXXXXX",
+                                                            dimension="cpu_core_hours", value=5)]}, service=broken)
+    harness.write_marker(hours.final(2), services=[SERVICE, good, broken])
     services = ",".join(service_key(s) for s in (SERVICE, broken, good))
-    result = harness.run(env={"START_HOUR": iso(h), "SERVICES": services, "SERVICE_NAME": None})
+    env = {"START_HOUR": iso(h), "SERVICES": services, "SERVICE_NAME": None}
+    result = harness.run(env=env)
     assert result.returncode == 1
-    assert accepted(harness) == {**expect(h, ("c-1", "cpu_core_hours", 3)), **expect(h, ("c-2", "replica_hours", 2))}
-    assert keys[0] in result.output
+    assert keys[0] in "\n".join(result.lines("ERROR"))
+    assert result.output.count("Starting processing for Acme Vector DB/PROD/pt-Q7rT2bX9kL, Broken: Service/PROD/"
+                               "pt-Broken0001, Scalar DB Enterprise Édition/DEV/pt-Dd01Ee02Ff") == 1
+    assert accepted(harness) == {} and harness.clazar.metering_calls == 0
     state = harness.state()
-    assert state[service_key(good)]["last_processed_hour"] == iso(h)
-    assert "last_processed_hour" not in state.get(service_key(broken), {})
+    assert "last_processed_hour" not in state["deployment"] and "pending_hour" not in state["deployment"]
+    for service in (SERVICE, good, broken):
+        assert "last_processed_hour" not in state.get(service_key(service), {})
+    harness.write_hour(h, {"sub-XXXXXXXXXX": [record(broken, h, contract="c-3", subscription="sub-XXXXXXXXXX",
+                                                     dimension="cpu_core_hours", value=5)]}, service=broken)
+    fixed = harness.run(env=env)
+    assert fixed.returncode == 0, fixed.output
+    assert accepted(harness) == {
+        **expect(h, ("c-1", "cpu_core_hours", 3 + 4), ("c-2", "replica_hours", 2), ("c-3", "cpu_core_hours", 5)),
+        **expect(hours[1], ("c-1", "cpu_core_hours", 3 + 4), ("c-2", "replica_hours", 2), ("c-3", "cpu_core_hours", 5))}
+    assert len(harness.clazar.received) == 6, "one record per contract, dimension and hour, sent once"
+    state = harness.state()
+    for service in (SERVICE, good, broken):
+        assert state[service_key(service)]["last_processed_hour"] == iso(hours[1])
+    for hour in (h, hours[1]):
+        for service in (SERVICE, good, broken):
+            assert fixed.output.count(f"Found 1 subscription files in {hour_prefix(service, hour)}") == 1
 
 
 # --- dry run ------------------------------------------------------------------------
@@ -305,13 +383,17 @@ def test_no_way_of_asking_for_a_dry_run_sends_or_writes_anything(harness, hours,
         return {str(path): path.read_bytes() for path in files}, harness.clazar.auth_calls, harness.clazar.metering_calls
 
     before = snapshot()
-    assert json.loads(harness.run("status", "--json").output)[0]["rejected_waiting"] == 1
+    assert json.loads(harness.report("status", "--json").output)["rejected_waiting"] == 1
     assert any("metering_ledger" in path for path in before[0])
 
-    # config.env as an operator makes it from the example, loaded the way the cron recipe loads it,
-    # with DRY_RUN=true exported by the shell beforehand.
+    # config.env as an operator makes it from the example (this deployment's SERVICES, the
+    # secret in the file the example names), loaded the way the cron recipe loads it, with
+    # DRY_RUN=true exported by the shell beforehand.
     example = (ROOT / "config.env.example").read_text()
-    overrides = {**harness.env, **settings}
+    overrides = {**harness.env, **settings, "SERVICES": KEY}
+    secret_file = harness.folder / "clazar_client_secret"
+    secret_file.write_text(overrides.pop("CLAZAR_CLIENT_SECRET") + "\n")
+    secret_file.chmod(0o600)
     (harness.folder / "config.env").write_text(example + "".join(
         f"{name}={shlex.quote(value)}\n" for name, value in overrides.items() if name not in ("PATH", "HOME")))
     sourced = "set -a && . ./config.env && set +a && exec " + " ".join(harness.command())
@@ -358,16 +440,15 @@ def test_rejected_records_are_kept_reported_and_later_hours_go_on(harness, hours
     result = harness.run(env={"START_HOUR": iso(hours[0])})
     assert result.returncode == 1
     assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[i])): 2 for i in range(2)}
-    entry = harness.entry()
-    assert entry["last_processed_hour"] == iso(hours[1])
+    assert harness.entry()["last_processed_hour"] == iso(hours[1])
     rejected = {(item["contract_id"], item["dimension"], item["hour"], item["quantity"]): item["answer"]
-                for item in harness.waiting()}
+                for item in ledger_waiting(harness)}
     assert set(rejected) == {
         ("c-unknown", "cpu_core_hours", iso(hours[i]), 5) for i in range(2)
     } | {("c-1", "replica_hours", iso(hours[i]), 1) for i in range(2)}
     assert rejected["c-unknown", "cpu_core_hours", iso(hours[0]), 5]["errors"] == ["Contract c-unknown not found"]
     assert rejected["c-1", "replica_hours", iso(hours[0]), 1] == {"status": "fail"}
-    assert entry["waiting"] == {iso(hours[i]): {"rejected": 2} for i in range(2)}
+    assert deployment(harness)["waiting"] == {iso(hours[i]): {"rejected": 2} for i in range(2)}
     assert "Clazar rejected contract c-unknown dimension cpu_core_hours" in result.output
     assert "4 rejected" in result.output
 
@@ -419,7 +500,8 @@ def test_the_state_and_ledger_in_s3_are_named_at_the_start(harness, hours):
     assert result.returncode == 0, result.output
     ledger = f"s3://{harness.state_bucket}/exporter/metering_ledger"
     assert f" - INFO - State {url} (lock {url}.lock); ledger {ledger}" in result.lines()[0]
-    assert f"(START_HOUR): the state {url} has no processed hour for {KEY}" in "\n".join(result.lines("WARNING"))
+    assert [line for line in result.lines("WARNING") if "No previous processing found" in line][0].endswith(
+        f"(START_HOUR): the state {url} has no processed hour")
 
 
 def test_corrupt_state_stops_the_run_and_is_left_untouched(backend_harness, hours):
@@ -427,9 +509,16 @@ def test_corrupt_state_stops_the_run_and_is_left_untouched(backend_harness, hour
     h = hours[0]
     harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
     harness.write_marker(hours.final(1))
+    remainder = b'{"version": 2, "deployment": {"remainders": {"c-1": {"cpu_core_hours": "%s"}}}}'
     for corrupt in (b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "2025-', b"[]",
                     b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "yesterday"}}',
-                    b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {"c-1": {"cpu_core_hours": "-1/2"}}}}'):
+                    # A development format (an entry holding objects) is not read.
+                    b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {"c-1": {"cpu_core_hours": "-1/2"}}}}',
+                    # Version 2: amounts are decimals of at most 9 places, never "p/q"; every field is known.
+                    remainder % b"1/2", remainder % b"0.1234567891", remainder % b"-0.5",
+                    b'{"version": 2, "deployment": {"colour": "blue"}}',
+                    b'{"version": 2, "deployment": {}, "Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {}}}',
+                    b'{"version": 3, "deployment": {}}'):
         harness.write_state_bytes(corrupt)
         result = harness.run(env={"START_HOUR": iso(h)})
         assert result.returncode == 4, result.output
@@ -449,23 +538,39 @@ def test_a_state_file_from_the_original_script_carries_over(harness, hours):
     assert result.returncode == 0, result.output
     assert accepted(harness) == expect(hours[1], ("c-1", "cpu_core_hours", 1))
     assert oct(harness.state_path.stat().st_mode & 0o777) == "0o600"
+    # Rewritten as version 2, the service's last processed hour where the original kept it.
+    assert harness.entry()["last_processed_hour"] == deployment(harness)["last_processed_hour"] == iso(hours[1])
 
 
 # --- crashes and concurrency ---------------------------------------------------------------
 
 
 KILL_POINTS = [
-    {"FAULT_KILL_BEFORE_STATE_WRITE": "1"},   # before the service's first hour is pinned
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "1"},   # before the deployment's first hour is pinned
     {"FAULT_KILL_AFTER_STATE_WRITE": "1"},    # pinned, nothing read
     {"FAULT_KILL_BEFORE_STATE_WRITE": "2"},   # before the pending hour is recorded
     {"FAULT_KILL_AFTER_STATE_WRITE": "2"},    # pending recorded, nothing sent
-    {"FAULT_KILL_AFTER_BATCH": "1"},          # first batch landed, answer unread
+    {"FAULT_KILL_AFTER_BATCH": "1"},          # first answer arriving, unread; the others in flight
     {"FAULT_KILL_AFTER_BATCH": "2"},
-    {"FAULT_KILL_AFTER_BATCH": "3"},          # every batch landed
-    {"FAULT_KILL_BEFORE_STATE_WRITE": "3"},   # before the commit
+    {"FAULT_KILL_AFTER_BATCH": "3"},          # every batch landed, no answer recorded
+    {"FAULT_KILL_BEFORE_STATE_WRITE": "3"},   # the hour's ledger lines written, before the commit
     {"FAULT_KILL_AFTER_STATE_WRITE": "3"},    # right after the commit
     {"FAULT_KILL_AFTER_STATE_WRITE": "4"},    # second hour pending
 ]
+# What each kill leaves: (the pending hour, the last processed hour, the hours in the ledger),
+# hours by index, so that each point is known to fall where its comment says.
+LEFT_BY_KILL = {
+    "fault_kill_before_state_write-1": None,
+    "fault_kill_after_state_write-1": (None, None, []),
+    "fault_kill_before_state_write-2": (None, None, []),
+    "fault_kill_after_state_write-2": (0, None, []),
+    "fault_kill_after_batch-1": (0, None, []),
+    "fault_kill_after_batch-2": (0, None, []),
+    "fault_kill_after_batch-3": (0, None, []),
+    "fault_kill_before_state_write-3": (0, None, [0]),
+    "fault_kill_after_state_write-3": (None, 0, [0]),
+    "fault_kill_after_state_write-4": (1, 0, [0]),
+}
 # With the state in S3 every kill leaves a lease behind, which the next run must respect and
 # then take over. Where the kill falls differs from the local state file at three points: before
 # the first write, which creates the state object; once the pending hour is in S3, read back
@@ -493,6 +598,18 @@ def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(harness,
     env = {"START_HOUR": iso(hours[0]), "CLAZAR_BATCH_SIZE": "2"}
     killed = harness.run(env=env, faults=fault)
     assert killed.returncode == -9, killed.output
+    left = LEFT_BY_KILL[kill_point(fault)]
+    if left is None:
+        assert harness.state_bytes() is None
+    else:
+        pending, last, ledger = left
+        state = deployment(harness)
+        assert state["first_hour"] == iso(hours[0])
+        assert (state.get("pending_hour") or {}).get("hour") == (None if pending is None else iso(hours[pending]))
+        assert state.get("last_processed_hour") == (None if last is None else iso(hours[last]))
+        assert sorted({line["hour"] for line in record_lines(harness)}) == [iso(hours[i]) for i in ledger]
+        if "batch" not in kill_point(fault) and pending is not None and pending not in ledger:
+            assert harness.clazar.metering_calls == 3 * pending, "nothing of the pending hour was sent"
     if harness.state_in_s3:
         # The killed run's lease is still there: a run before it lapses must stand back.
         early = harness.run(env=env)
@@ -504,8 +621,18 @@ def test_a_run_killed_at_any_step_is_completed_exactly_once_by_the_next(harness,
         assert "Took over the lease" in result.output
     assert accepted(harness) == expected
     assert len(harness.clazar.successes()) == len(expected)
-    assert harness.entry()["last_processed_hour"] == iso(hours[1])
-    assert "pending_hour" not in harness.entry()
+    assert harness.entry()["last_processed_hour"] == deployment(harness)["last_processed_hour"] == iso(hours[1])
+    assert "pending_hour" not in deployment(harness)
+    # A killed run left no ledger line for its pending hour (or every answer, before the
+    # commit), so every record of it that had landed came back "already exists" as ours: each
+    # (contract, dimension, hour) ends delivered or already delivered, with its quantity,
+    # never a conflict or without an answer.
+    latest = {(line["contract_id"], line["dimension"], line["hour"]): line for line in record_lines(harness)}
+    assert {key: line["quantity"] for key, line in latest.items()} == expected
+    duplicates = harness.clazar.outcomes().count("duplicate")
+    assert sorted(line["outcome"] for line in latest.values()) == sorted(
+        ["delivered"] * (len(expected) - duplicates) + ["already delivered"] * duplicates)
+    assert "Conflict" not in result.output
     assert_clean(harness)
 
 
@@ -589,7 +716,9 @@ def test_no_secret_token_or_email_reaches_the_log_even_at_debug(harness, hours):
     ({"DRY_RUN": "maybe"}, "DRY_RUN"),
     ({"LOG_LEVEL": "LOUD"}, "LOG_LEVEL"),
     ({"CLAZAR_API_URL": "http://api.clazar.example/metering/"}, "CLAZAR_API_URL"),
-    ({"CLAZAR_AUTH_URL": "http://10.0.0.8/authenticate/"}, "CLAZAR_AUTH_URL"),
+    ({"SERVICES": f"{KEY}=ibm"}, "SERVICES"),
+    # Credentials over plain http only to loopback: the S3 endpoint as well as Clazar's.
+    ({"AWS_ENDPOINT_URL_S3": "http://10.0.0.8:8333"}, "AWS_ENDPOINT_URL_S3"),
     ({"CLAZAR_BATCH_SIZE": "-3"}, "CLAZAR_BATCH_SIZE"),
     ({"EXPORT_STALE_HOURS": "0"}, "EXPORT_STALE_HOURS"),
     ({"EXPORT_STALE_HOURS": "soon"}, "EXPORT_STALE_HOURS"),
@@ -599,12 +728,18 @@ def test_no_secret_token_or_email_reaches_the_log_even_at_debug(harness, hours):
     ({"CLAZAR_TIMEOUT_SECONDS": "1e308"}, "CLAZAR_TIMEOUT_SECONDS",
      "CLAZAR_TIMEOUT_SECONDS: must be a number from 0.1 to 600, got '1e308'"),
     ({"START_HOUR": "0001-01-01T00:00:00+01:00"}, "START_HOUR",
-     "START_HOUR: must be a UTC hour from 2000-01-01T00:00:00Z to"),
+     "START_HOUR: must be a whole UTC hour from 2000-01-01T00:00:00Z to"),
     ({"CLAZAR_API_URL": "http://127.0.0.1:99999/metering/"}, "CLAZAR_API_URL",
      "CLAZAR_API_URL: is not a URL urllib3 can parse"),
     ({f"DIMENSION{'1' * 5000}_NAME": "units"}, "DIMENSION1111111111"),
     ({"STOP_TIMEOUT_SECONDS": "1"}, "STOP_TIMEOUT_SECONDS",
-     "STOP_TIMEOUT_SECONDS: must be a whole number from 2 to 300"),
+     "STOP_TIMEOUT_SECONDS: must be a number from 2 to 300, got '1'"),
+    ({"RUN_TIMEOUT_MINUTES": "0"}, "RUN_TIMEOUT_MINUTES",
+     "RUN_TIMEOUT_MINUTES: must be a whole number from 1 to 1440, got 0"),
+    ({"S3_TIMEOUT_SECONDS": "0.5"}, "S3_TIMEOUT_SECONDS",
+     "S3_TIMEOUT_SECONDS: must be a number from 1 to 3600, got '0.5'"),
+    ({"LATE_USAGE_LOOKBACK_HOURS": "721"}, "LATE_USAGE_LOOKBACK_HOURS",
+     "LATE_USAGE_LOOKBACK_HOURS: must be a whole number from 0 to 720, got 721"),
 ]], ids=lambda value: value[:20] if isinstance(value, str) else None)
 def test_a_bad_setting_exits_2_with_one_line_naming_it(harness, hours, change, variable, message):
     harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
@@ -624,18 +759,21 @@ def test_a_bad_setting_exits_2_with_one_line_naming_it(harness, hours, change, v
     if variable == "DRY_RUN":
         assert not metrics.exists(), "a run that may be a dry run writes no metrics"
     else:
-        assert "metering_run_exit_status 2" in metrics.read_text()
+        assert metric_value(metrics.read_text(), "metering_run_exit_status") == 2
 
 
-@pytest.mark.parametrize("ahead", ["0", "1", "8"])
-def test_any_read_ahead_sends_the_same_records_in_order(harness, hours, ahead):
+def test_hours_read_ahead_are_committed_in_order_and_none_after_a_failed_one_is_sent(harness, hours):
+    """Two hours are read ahead of the one being sent: a bad file in hour 3, read while hours
+    1 and 2 are sent, fails hour 3 alone, after 0 to 2 are committed in order, and nothing
+    after it is sent; the remainder carried is hour 2's."""
     for i in range(5):
         harness.write_hour(hours[i], {"sub-AAAAAAAAAA": [cpu(hours[i], "c-1", "sub-AAAAAAAAAA", 0.5)]})
     harness.write_hour(hours[3], {"sub-BADBADBAD": b"[1"})
     harness.write_marker(hours.final(5))
-    result = harness.run(env={"START_HOUR": iso(hours[0]), "READ_AHEAD_HOURS": ahead})
+    result = harness.run(env={"START_HOUR": iso(hours[0])})
     assert result.returncode == 1
-    # Hours 0-2 are committed in order whatever was read ahead; hour 3 fails and nothing after it is sent.
-    assert harness.entry()["last_processed_hour"] == iso(hours[2])
+    assert harness.entry()["last_processed_hour"] == deployment(harness)["last_processed_hour"] == iso(hours[2])
     assert accepted(harness) == {("c-1", "cpu_core_hours", iso(hours[1])): 1}
-    assert harness.entry()["remainders"] == {"c-1": {"cpu_core_hours": "1/2"}}
+    assert deployment(harness)["remainders"] == {"c-1": {"cpu_core_hours": "0.5"}}
+    assert [line["hour"] for line in record_lines(harness)] == [iso(hours[i]) for i in range(3)]
+    assert "pending_hour" not in deployment(harness)
