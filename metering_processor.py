@@ -5761,7 +5761,8 @@ def main(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     try:
         return int(run_command(parse_arguments(argv), os.environ if environ is None else environ))
     except RunStopped as stop:
-        log.warning("%s", stop)
+        # A signal is a routine stop; the run's own deadline (RUN_TIMEOUT_MINUTES) a failure.
+        (log.warning if stop.exit_code == ExitCode.STOPPED else log.error)("%s", stop)
         return int(stop.exit_code)
     finally:
         STOP.retire()
