@@ -298,6 +298,32 @@ def test_rejected_records_are_kept_not_resent_and_the_rest_goes_through(harness,
     assert sum(outcome == "rejected" for outcome in harness.clazar.outcomes()) == len(lost), "a rejected record was resent"
 
 
+@pytest.mark.parametrize("refusal", [429, 401])
+def test_a_refusal_before_clazar_read_the_request_excuses_nothing(harness, hours, refusal):
+    """c-2 is held by another sender; our request carrying c-2 is first refused unread (a 429
+    that urllib3 retries, or a 401 repeated with a new token), then answered "already exists".
+    A refusal cannot have stored anything, so the resent request excuses nothing: a conflict."""
+    h = hours[0]
+    harness.write_hour(h, {"sub-AAAAAAAAAA": [
+        record(SERVICE, h, contract=contract, subscription="sub-AAAAAAAAAA", dimension="cpu_core_hours",
+               value=value, pod=pod) for contract, value, pod in (("c-1", 2, "db-1"), ("c-2", 3, "db-2"))]})
+    harness.write_marker(hours.final(1))
+    with harness.clazar.lock:
+        harness.clazar.accepted["c-2", "cpu_core_hours", iso(h)] = {"quantity": "9"}
+    answer_first_request_of(harness.clazar, "c-2", refusal)
+    result = harness.run(env={"START_HOUR": iso(h), "CLAZAR_BATCH_SIZE": "1"})
+    assert result.returncode == 1, result.output
+    assert harness.clazar.metering_calls == 3, "c-2's request was sent again after the refusal"
+    if refusal == 401:
+        assert "Clazar answered 401; authenticating again" in result.output and harness.clazar.auth_calls == 2
+    assert {key[0]: line["outcome"] for key, line in record_lines(harness).items()} == {
+        "c-1": "delivered", "c-2": "conflict"}
+    assert (f"ERROR - Conflict: Clazar already holds contract c-2 dimension cpu_core_hours hour {iso(h)}, "
+            "which this exporter had not sent") in result.output
+    assert "; counted as delivered" not in result.output
+    assert deployment(harness)["waiting"] == {iso(h): {"conflict": 1}}
+
+
 # --- S3 faults ---------------------------------------------------------------------------
 
 

@@ -385,6 +385,31 @@ def test_run_timeout_minutes_stops_a_slow_run_at_a_safe_point_as_a_failure(harne
     assert_timed_out_at_a_safe_point(harness, result, metrics, "0.1", expected, env)
 
 
+def test_run_timeout_minutes_stops_retry_failed_at_a_safe_point_as_a_failure(harness, hours, monkeypatch):
+    """retry-failed, which sends too, has the same upper bound: rejected records of ten hours,
+    a Clazar taking a second per request, the deadline shortened to three seconds as above."""
+    many = [hours[i] for i in range(10)]
+    fabricate_waiting(harness, many, ["c-1"])
+    harness.clazar.delay = 1.0
+    read_config = mp.load_config
+    with monkeypatch.context() as patch:
+        patch.setattr(mp, "load_config", lambda *arguments, **options: dataclasses.replace(
+            read_config(*arguments, **options), run_timeout_minutes=0.05))
+        result = harness.run("retry-failed")
+    assert result.returncode == 1, result.output
+    assert "RUN_TIMEOUT_MINUTES (0.05) passed: stopped before hour" in "\n".join(result.lines("ERROR"))
+    assert " - WARNING - RUN_TIMEOUT_MINUTES" not in result.output, "a failure, not a routine stop"
+    retried = harness.clazar.accepted_keys()
+    assert 0 < len(retried) < len(many), "stopped part way"
+    assert sum(deployment(harness)["waiting"][iso(hour)]["rejected"] for hour in many
+               if iso(hour) in deployment(harness)["waiting"]) == len(many) - len(retried)
+    harness.clazar.delay = 0.0
+    rest = harness.run("retry-failed")
+    assert rest.returncode == 0, rest.output
+    assert len(harness.clazar.accepted_keys()) == len(many) and len(harness.clazar.successes()) == len(many)
+    assert deployment(harness)["waiting"] == {}
+
+
 @pytest.mark.slow
 def test_run_timeout_minutes_from_the_environment(harness, hours, tmp_path):
     """RUN_TIMEOUT_MINUTES=1 as an operator sets it, on a run that needs far longer: S3 answers
