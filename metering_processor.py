@@ -4387,6 +4387,11 @@ class Exporter:
         decided = {service.key for service in self.config.services
                    if marker is not None and service.key in marker.processed_to}
         self.admit(self.clock(), decided)
+        if not self.config.dry_run and self.state.last_processed_hour is not None \
+                and self.config.late_lookback_hours:
+            # Before a pending hour is committed: its commit would take the marks as kept for a
+            # raised lookback, and the hours that have none would go unnamed.
+            self._warn_unmarked_hours()
         if self.state.pending is not None:
             pending = self.state.pending
             log.warning("Resending pending hour %s (%d records) left by an earlier run",
@@ -4665,7 +4670,6 @@ class Exporter:
         state, config = self.state, self.config
         if state.last_processed_hour is None or not config.late_lookback_hours:
             return
-        self._warn_unmarked_hours()
         found = LateFindings(dict(self.state.accounted))
         for hour, mark in sorted(self.state.accounted.items()):
             if hour > state.last_processed_hour - config.late_lookback_hours * HOUR:
