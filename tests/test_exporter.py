@@ -510,15 +510,17 @@ def test_corrupt_state_stops_the_run_and_is_left_untouched(backend_harness, hour
     harness.write_hour(h, {"sub-AAAAAAAAAA": [cpu(h, "c-1", "sub-AAAAAAAAAA", 3)]})
     harness.write_marker(hours.final(1))
     remainder = b'{"version": 2, "deployment": {"remainders": {"c-1": {"cpu_core_hours": "%s"}}}}'
-    for corrupt in (b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "2025-', b"[]",
-                    b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "yesterday"}}',
-                    # A development format (an entry holding objects) is not read.
-                    b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {"c-1": {"cpu_core_hours": "-1/2"}}}}',
-                    # Version 2: amounts are decimals of at most 9 places, never "p/q"; every field is known.
-                    remainder % b"1/2", remainder % b"0.1234567891", remainder % b"-0.5",
-                    b'{"version": 2, "deployment": {"colour": "blue"}}',
-                    b'{"version": 2, "deployment": {}, "Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {}}}',
-                    b'{"version": 3, "deployment": {}}'):
+    corrupt_states = [b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "2025-', b"[]",
+                      b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"last_processed_hour": "yesterday"}}',
+                      # A development format (an entry holding objects) is not read.
+                      b'{"Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {"c-1": {"cpu_core_hours": "-1/2"}}}}']
+    if not harness.state_in_s3:  # the same reader whatever the store: its cases once
+        # Version 2: amounts are decimals of at most 9 places, never "p/q"; every field is known.
+        corrupt_states += [remainder % b"1/2", remainder % b"0.1234567891", remainder % b"-0.5",
+                           b'{"version": 2, "deployment": {"colour": "blue"}}',
+                           b'{"version": 2, "deployment": {}, "Acme Vector DB:PROD:pt-Q7rT2bX9kL": {"remainders": {}}}',
+                           b'{"version": 3, "deployment": {}}']
+    for corrupt in corrupt_states:
         harness.write_state_bytes(corrupt)
         result = harness.run(env={"START_HOUR": iso(h)})
         assert result.returncode == 4, result.output

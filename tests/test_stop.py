@@ -368,23 +368,25 @@ def assert_timed_out_at_a_safe_point(harness, result, metrics: Path, minutes: st
 
 
 def test_run_timeout_minutes_stops_a_slow_run_at_a_safe_point_as_a_failure(harness, hours, tmp_path, monkeypatch):
-    """A run as a whole has an upper bound (issue 19). S3 answers each request half a second
-    late, so 24 hours take twelve seconds or more; the run's deadline is shortened to six
-    seconds by giving the configuration 0.1 minutes (the setting itself takes whole minutes,
-    its smallest a minute: test_run_timeout_minutes_from_the_environment runs that, slow):
-    from the timer on, everything is the run's own code."""
+    """A run as a whole has an upper bound (issue 19). Once the first hour is being sent, S3
+    answers each request a second late, so each later hour takes two seconds or more; the
+    run's deadline is shortened to three seconds by giving the configuration 0.05 minutes (the
+    setting itself takes whole minutes, its smallest a minute:
+    test_run_timeout_minutes_from_the_environment runs that, slow): from the timer on,
+    everything is the run's own code."""
     expected = slow_hours(harness, hours, 24)
     metrics = tmp_path / "metering.prom"
     env = {"START_HOUR": iso(hours[0]), "METRICS_FILE": str(metrics)}
     read_config = mp.load_config
     monkeypatch.setattr(mp, "load_config", lambda *arguments, **options: dataclasses.replace(
-        read_config(*arguments, **options), run_timeout_minutes=0.1))
-    proxy = TCPProxy(harness.seaweed.s3_port, delay=0.5)
+        read_config(*arguments, **options), run_timeout_minutes=0.05))
+    proxy = TCPProxy(harness.seaweed.s3_port)
+    harness.clazar.faults.append(call(lambda records: setattr(proxy, "delay", 1.0)))
     try:
         result = harness.run(env={**env, "AWS_ENDPOINT_URL_S3": proxy.endpoint})
     finally:
         proxy.close()
-    assert_timed_out_at_a_safe_point(harness, result, metrics, "0.1", expected, env)
+    assert_timed_out_at_a_safe_point(harness, result, metrics, "0.05", expected, env)
 
 
 def test_run_timeout_minutes_stops_retry_failed_at_a_safe_point_as_a_failure(harness, hours, monkeypatch):
