@@ -391,10 +391,11 @@ def test_run_timeout_minutes_stops_a_slow_run_at_a_safe_point_as_a_failure(harne
 
 def test_run_timeout_minutes_stops_retry_failed_at_a_safe_point_as_a_failure(harness, hours, monkeypatch):
     """retry-failed, which sends too, has the same upper bound: rejected records of ten hours,
-    a Clazar taking a second per request, the deadline shortened to three seconds as above."""
+    a Clazar taking a second per request once the first is answered, the deadline shortened to
+    three seconds as above."""
     many = [hours[i] for i in range(10)]
     fabricate_waiting(harness, many, ["c-1"])
-    harness.clazar.delay = 1.0
+    harness.clazar.faults.append(call(lambda records: setattr(harness.clazar, "delay", 1.0)))
     read_config = mp.load_config
     with monkeypatch.context() as patch:
         patch.setattr(mp, "load_config", lambda *arguments, **options: dataclasses.replace(
