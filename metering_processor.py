@@ -2922,7 +2922,12 @@ def bounded_request(session: Any, method: str, url: str, limit: int, **arguments
         finally:
             response.close()
     except (requests.RequestException, HTTPError, OSError) as error:
-        raise RequestFailed(f"{type(error).__name__}: {error}") from None
+        failed = RequestFailed(f"{type(error).__name__}: {error}")
+        # requests wraps urllib3's MaxRetryError, which says whether an attempt may have landed.
+        exhausted = next((cause for cause in (error, *getattr(error, "args", ()))
+                          if hasattr(cause, "may_have_landed")), None)
+        failed.may_have_landed = getattr(exhausted, "may_have_landed", True)
+        raise failed from None
     return response.status_code, body, response
 
 
@@ -3274,12 +3279,22 @@ def read_results(records: Sequence[Record], body: Any, retried: bool = False) ->
     return [classify_result(record, entry, retried) for record, entry in zip(records, results)]
 
 
+def attempt_may_have_landed(error: Any, status: int | None) -> bool:
+    """Whether one attempt at a request may have reached Clazar's processing: it met a 5xx, or
+    an error once connected (a read timeout, a reset, no answer). Not a connection refused
+    or never made, nor a 4xx (a 429 included): Clazar never read those."""
+    from urllib3.exceptions import ConnectTimeoutError  # NewConnectionError is one too
+
+    if error is not None:
+        return not isinstance(error, ConnectTimeoutError)
+    return (status or 0) >= 500
+
+
 def _was_retried(response: Any) -> bool:
     """Whether urllib3 sent this request more than once after an attempt that may have
-    landed: one with no answer (a connection or read error) or a 5xx. A 429 was refused
-    before anything was processed, so it excuses nothing."""
+    landed (see attempt_may_have_landed)."""
     retries = getattr(getattr(response, "raw", None), "retries", None)
-    return any(entry.error is not None or (entry.status or 0) >= 500
+    return any(attempt_may_have_landed(entry.error, entry.status)
                for entry in getattr(retries, "history", ()))
 
 
@@ -3292,7 +3307,7 @@ def retry_policy(config: Config) -> Any:
     jitter (a twentieth of CLAZAR_TIMEOUT_SECONDS, doubling), Retry-After honoured up to
     three times the timeout. POST is included on purpose: a record that landed before the
     answer was lost comes back as "already exists", which duplicate_outcome then judges."""
-    from urllib3.exceptions import InvalidHeader
+    from urllib3.exceptions import InvalidHeader, MaxRetryError
     from urllib3.util.retry import Retry
 
     backoff, retry_after_max = config.timeout_seconds / 20, config.timeout_seconds * 3
@@ -3313,10 +3328,18 @@ def retry_policy(config: Config) -> Any:
             return wait + random.uniform(0, backoff) if wait else 0.0
 
         # urllib3 reads a refused answer whole before it retries: closed instead, unread.
-        def increment(self, *arguments: Any, **options: Any) -> Any:
-            retry = super().increment(*arguments, **options)
-            if options.get("response") is not None:
-                options["response"].close()
+        # When the retries run out, whether any attempt may have landed goes with the error.
+        def increment(self, method: Any = None, url: Any = None, response: Any = None,
+                      error: Any = None, *arguments: Any, **options: Any) -> Any:
+            try:
+                retry = super().increment(method, url, response, error, *arguments, **options)
+            except MaxRetryError as exhausted:
+                attempts = [*((entry.error, entry.status) for entry in self.history),
+                            (error, getattr(response, "status", None))]
+                exhausted.may_have_landed = any(attempt_may_have_landed(*one) for one in attempts)
+                raise
+            if response is not None:
+                response.close()
             return retry
 
         # A stop asked for before or during the wait sends the batch no more.
@@ -3408,8 +3431,10 @@ class ClazarClient:
                                "abandoned, and Clazar is not asked again in this run")
             raise ClazarError(self._abandoned) from None
         except RequestFailed as error:
-            raise ClazarError(f"no answer from {url} after {self.config.max_retries} retries: "
-                              f"{error}") from None
+            failure = ClazarError(f"no answer from {url} after {self.config.max_retries} retries: "
+                                  f"{error}")
+            failure.may_have_landed = error.may_have_landed
+            raise failure from None
         # A refusal is told by its status; only an answer to be read must be whole.
         if len(body) > MAX_ANSWER_BYTES and status == 200:
             raise ClazarError(f"Clazar's answer from {url} is larger than {MAX_ANSWER_BYTES} "

@@ -643,3 +643,43 @@ def test_the_configuration_page_lists_the_settings_table_row_for_row():
     rows = [line for line in page.splitlines() if line.startswith("| `")]
     assert rows == [f"| `{s.name}` | {s.shown_default()} | {s.shown_bounds()} | {s.meaning} |"
                     for s in mp.SETTINGS]
+
+
+def test_a_request_that_never_connected_cannot_have_landed_and_one_cut_after_it_may_have():
+    """The fate a failed batch leaves in the ledger ("not sent yet" or "sent, no answer yet")
+    decides later whether Clazar's "already exists" is ours: a refused connection must not
+    excuse it, a connection cut after the request was sent must."""
+    import socket as sockets
+
+    config = mp.load_config({**BASE, "CLAZAR_MAX_RETRIES": "2", "CLAZAR_TIMEOUT_SECONDS": "0.2"})
+    from requests.adapters import HTTPAdapter
+
+    def post(url):
+        session = mp.http_session()
+        session.mount("http://", HTTPAdapter(max_retries=mp.retry_policy(config)))
+        with pytest.raises(mp.RequestFailed) as failed:
+            mp.bounded_request(session, "POST", url, 100, data=b"{}", timeout=(0.5, 0.5))
+        return failed.value.may_have_landed
+
+    closed = sockets.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()  # nothing listens there: every attempt is refused
+    assert post(f"http://127.0.0.1:{port}/metering/") is False
+
+    listener = sockets.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+
+    def cut_after_reading():
+        for _ in range(3):
+            connection, _ = listener.accept()
+            connection.recv(65536)  # the request arrived
+            connection.close()  # and no answer comes
+
+    server = threading.Thread(target=cut_after_reading, daemon=True)
+    server.start()
+    assert post(f"http://127.0.0.1:{listener.getsockname()[1]}/metering/") is True
+    server.join(5)
+    listener.close()
+    assert mp.attempt_may_have_landed(None, 503) and not mp.attempt_may_have_landed(None, 429)
