@@ -3907,39 +3907,51 @@ class S3Lease:
     def acquire(self) -> None:
         """Take the lease, or raise LockHeld naming its holder and expiry. Raises StateError
         when the store does not refuse what it must (see _verify_conditions)."""
+        self._verify_conditions()
         try:
             self._etag = self._put(IfNoneMatch="*")
         except Exception as error:
             if not is_condition_failure(error):
                 raise StateError(f"cannot create lease {self.display}: {error}") from None
             self._take_over_expired()
-        try:
-            self._verify_conditions()
-        except StateError:
-            self.release()
-            raise
         self._renewer = threading.Thread(target=self._keep_renewing, name="lease-renewer",
                                          daemon=True)
         self._renewer.start()
 
     def _verify_conditions(self) -> None:
-        """Raise StateError unless the store refuses a create-if-absent of the lease, which
-        exists, and a replace-if-unchanged with an ETag that is not the lease's."""
+        """Raise StateError unless the store refuses a create-if-absent of an object that
+        exists and a replace-if-unchanged with an ETag that is not the object's. Tried on a
+        probe object of this run's own, before the lease is touched: a store that ignored
+        them would otherwise overwrite another run's live lease."""
         endpoint = getattr(getattr(self.client, "meta", None), "endpoint_url", "S3")
-        for header, condition in (("If-None-Match: *", {"IfNoneMatch": "*"}),
-                                  ("If-Match on another ETag", {"IfMatch": '"' + "0" * 32 + '"'})):
-            try:
-                self._etag = self._put(**condition)  # accepted: the lease is now this write
-            except Exception as error:
-                if is_condition_failure(error):
-                    continue
-                raise StateError(f"cannot check that {endpoint} honours {header} on "
-                                 f"{self.display}: {error}") from None
-            raise StateError(
-                f"the S3 store at {endpoint} accepted a write with {header}, which it must refuse: "
-                "it ignores conditional writes, so two runs could hold the lock on the state at "
-                "once and both send. Keep the state on a store that honours If-Match and "
-                "If-None-Match (AWS S3; SeaweedFS) or on a local disk")
+        probe = f"{self.key}.check-{self.owner}"
+        put = lambda **condition: self.client.put_object(  # noqa: E731
+            Bucket=self.bucket, Key=probe, Body=b"", **condition)
+        try:
+            put(IfNoneMatch="*")
+            other_etag = '"' + "0" * 32 + '"'
+            for header, condition in (("If-None-Match: *", {"IfNoneMatch": "*"}),
+                                      ("If-Match on another ETag", {"IfMatch": other_etag})):
+                try:
+                    put(**condition)
+                except Exception as error:
+                    if is_condition_failure(error):
+                        continue
+                    raise StateError(f"cannot check that {endpoint} honours {header} on "
+                                     f"{self.display}: {error}") from None
+                raise StateError(
+                    f"the S3 store at {endpoint} accepted a write with {header}, which it must "
+                    "refuse: it ignores conditional writes, so two runs could hold the lock on the "
+                    "state at once and both send. Keep the state on a store that honours If-Match "
+                    "and If-None-Match (AWS S3; SeaweedFS) or on a local disk")
+        except StateError:
+            raise
+        except Exception as error:
+            raise StateError(f"cannot write the probe s3://{self.bucket}/{probe}: "
+                             f"{error}") from None
+        finally:
+            with contextlib.suppress(Exception):
+                self.client.delete_object(Bucket=self.bucket, Key=probe)
 
     def _take_over_expired(self) -> None:
         try:

@@ -315,11 +315,33 @@ def test_a_store_that_ignores_conditional_writes_is_refused_before_anything_is_s
     assert harness.state_bytes() == state
     assert export_requests(fake) == [], "nothing of the export was read"
     assert fake.get(harness.state_bucket, harness.state_key + ".lock") is None, "no lease left behind"
+    assert [key for key in fake.buckets.get(harness.state_bucket, {}) if ".check-" in key] == [], \
+        "no probe left behind"
     # Honoured again, the hour is billed once.
     fake.behave()
     assert harness.run(env=env).returncode == 0
     assert harness.clazar.accepted_quantities()[("c-1", "cpu_core_hours", iso(hours[1]))] == 3
     assert harness.clazar.metering_calls == 1
+
+
+def test_on_a_store_that_ignores_conditions_another_runs_live_lease_is_left_as_it_was(harness, fake,
+                                                                                     hours):
+    """The store is checked on a probe object of the run's own before the lease is touched: a
+    store that ignored conditional writes would otherwise let this run overwrite the live lease
+    of another (a run of an earlier version during an upgrade, say) before refusing the store."""
+    harness.use_s3_state()
+    env = first_hour_billed(harness, hours)
+    lock_key = harness.state_key + ".lock"
+    until = datetime.now(timezone.utc) + timedelta(minutes=10)
+    lease = json.dumps({"owner": "other-run", "host": "elsewhere", "pid": 1,
+                        "expires_at": iso(until)}).encode()
+    harness.s3.put_object(Bucket=harness.state_bucket, Key=lock_key, Body=lease)
+    fake.ignored_conditions = {"If-Match", "If-None-Match"}
+    result = harness.run(env=env)
+    assert result.returncode == 4, result.output
+    assert "ignores conditional writes" in result.output
+    assert fake.get(harness.state_bucket, lock_key) == lease, "the other run's lease is untouched"
+    assert nothing_sent(harness)
 
 
 def test_a_live_lease_is_never_overwritten_and_an_expired_one_is_taken_over(harness, fake, hours):
