@@ -845,7 +845,7 @@ SETTING_NAMES = {setting.name: setting for setting in SETTINGS}
 _DIMENSION_VARIABLE = re.compile(r"^DIMENSION([1-9][0-9]*)_(NAME|FORMULA)$")
 # Variables starting like these are meant for the exporter: one it does not know is a typo.
 _OUR_PREFIXES = ("CLAZAR_", "S3_", "STATE_", "LEDGER_", "LATE_", "EXPORT_", "METRICS_", "DIMENSION",
-                 "SERVICE", "START_", "STOP_", "RUN_", "DRY_", "MAX_", "LOG_")
+                 "SERVICE", "START_", "STOP_", "RUN_", "DRY_")
 
 
 # Settings of development versions, with what took their place: named when still set.
@@ -877,8 +877,7 @@ def unknown_settings(environ: Mapping[str, str]) -> list[str]:
             warnings.append(f"{name} is no longer a setting ({REMOVED_SETTINGS[name]}); remove it")
             continue
         close = difflib.get_close_matches(name, known, n=1, cutoff=0.8)
-        if close or name.startswith(_OUR_PREFIXES) and not name.startswith("MAX_") \
-                and not name.startswith("LOG_"):
+        if close or name.startswith(_OUR_PREFIXES):
             why = f"; did you mean {close[0]}?" if close else " of this exporter; it is ignored"
             warnings.append(f"{escape_control(name[:60])} is not a setting{why}")
     return warnings
@@ -2944,6 +2943,19 @@ MAX_LISTING_PAGES = 1000
 MAX_STATE_BYTES = 256 * 2**20
 
 
+def _environment_keys() -> dict[str, str]:
+    """The AWS keys of the environment, without the whitespace around them (a Kubernetes
+    secret often ends in a newline, which botocore refuses in a header), as boto3 would take
+    them first; nothing when they are not set, to leave boto3 its own chain (a role, a profile)."""
+    key, secret = (os.environ.get(name, "").strip() for name in ("AWS_ACCESS_KEY_ID",
+                                                                  "AWS_SECRET_ACCESS_KEY"))
+    if not key or not secret:
+        return {}
+    token = os.environ.get("AWS_SESSION_TOKEN", os.environ.get("AWS_SECURITY_TOKEN", "")).strip()
+    return {"aws_access_key_id": key, "aws_secret_access_key": secret,
+            **({"aws_session_token": token} if token else {})}
+
+
 def s3_client(workers: int = S3_READ_CONCURRENCY) -> Any:
     """One boto3 S3 client with a connection pool as large as the read pool. Endpoint,
     region and credentials follow boto3's own conventions."""
@@ -2959,9 +2971,10 @@ def s3_client(workers: int = S3_READ_CONCURRENCY) -> Any:
     # botocore would send its signed requests and the session token through any *_proxy.
     endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "")
     direct = {"proxies": {}} if endpoint.strip().lower().startswith("http://") else {}
-    return boto3.session.Session(botocore_session=session).client("s3", config=BotoConfig(
-        max_pool_connections=workers + 4, connect_timeout=10, read_timeout=30,
-        retries={"mode": "standard", "max_attempts": 4}, **direct))
+    config = BotoConfig(max_pool_connections=workers + 4, connect_timeout=10, read_timeout=30,
+                        retries={"mode": "standard", "max_attempts": 4}, **direct)
+    return boto3.session.Session(botocore_session=session, **_environment_keys()).client(
+        "s3", config=config)
 
 
 def error_code(error: Exception) -> str:
@@ -4103,10 +4116,16 @@ class Ledger:
 
     def check(self) -> None:
         """Raise StateError if a local ledger lies in a folder others may write and that is not
-        ours: checked before anything is sent, since the ledger is written after."""
+        ours, or that this user cannot write: checked before anything is sent, since the
+        ledger is written after."""
         if isinstance(self.storage, LocalStorage):
             root = os.path.abspath(self.storage.root)
-            check_folder(root if os.path.isdir(root) else os.path.dirname(root), "ledger")
+            folder = root if os.path.isdir(root) else os.path.dirname(root)
+            check_folder(folder, "ledger")
+            if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):
+                raise StateError(f"the ledger folder {folder} cannot be written by this user; "
+                                 "nothing was sent. Give the user running the exporter a folder "
+                                 "of its own (LEDGER_PATH)")
 
     def read_hour(self, hour: datetime) -> list[LedgerLine] | None:
         """The lines of one hour, or None if the ledger has no file for it. Raises LedgerError."""
@@ -4640,6 +4659,7 @@ class Exporter:
             log.debug("Recorded pending hour %s in %s", display_hour(pending.hour),
                       self.store.display)
         earlier = first_sends(self.ledger.read_hour(pending.hour) or []) if resend else {}
+        self._count_earlier_answers(pending, earlier)
         results = self._send(pending, earlier, resend)
         lines = hour_lines(pending, results, earlier, self.clock())
         if lines:
@@ -4647,6 +4667,21 @@ class Exporter:
             # resent pending hour rewrites these lines rather than adding to them.
             self.ledger.write_hour(pending.hour, lines)
         self._commit(pending, waiting_counts(lines))
+
+    def _count_earlier_answers(self, pending: PendingHour, earlier: Mapping[Key, RecordLine]) -> None:
+        """The records an earlier, unfinished attempt at ``pending`` found rejected or in
+        conflict are committed with it by this run: counted in its report (so it ends with
+        exit 1, as the run that met them may not have: it was killed or stopped), named once."""
+        sent = {record_key(record) for record in pending.records}
+        found = [line for key, line in sorted(earlier.items())
+                 if key in sent and line.outcome in WAITING_OUTCOMES]
+        for line in found:
+            self.report.count(line.outcome, line.cloud)
+        if found:
+            log.error("Hour %s is committed with %d record(s) an earlier attempt found rejected or "
+                      "in conflict, e.g. contract %s dimension %s (%s); they wait in the ledger "
+                      "(see status)", display_hour(pending.hour), len(found), found[0].contract_id,
+                      found[0].dimension, found[0].outcome)
 
     def _send(self, pending: PendingHour, earlier: Mapping[Key, RecordLine],
               resend: bool) -> dict[Key, RecordResult]:

@@ -343,9 +343,12 @@ def test_a_conflict_found_before_a_kill_stays_a_conflict_when_the_hour_is_resent
     assert "pending_hour" not in deployment(harness)
     assert metric(metrics.read_text(), "metering_conflicting_records_waiting") == 1
     assert json.loads(harness.report("status", "--json", env=env).output)["conflicts_waiting"] == 1
-    # The run that met the conflict logged it as an ERROR; the rerun only commits what
-    # that run's answers said, so it has nothing of its own to fail on.
-    assert rerun.returncode == 0, rerun.output
+    # The run that met the conflict was killed before it could end with exit 1; the rerun
+    # commits it, and says so: an ERROR naming it, exit 1, the conflict counted.
+    assert rerun.returncode == 1, rerun.output
+    assert ("is committed with 1 record(s) an earlier attempt found rejected or in conflict, e.g. "
+            "contract c-2 dimension cpu_core_hours (conflict)") in "\n".join(rerun.lines("ERROR"))
+    assert metric(metrics.read_text(), "metering_run_records_conflicting", cloud="aws") == 1
     assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2,
                                                     ("c-2", "cpu_core_hours", iso(hours[0])): 7}
 
@@ -372,7 +375,7 @@ def test_a_conflict_answered_while_another_batch_of_the_hour_fails_stays_a_confl
                                                     ("c-2", "cpu_core_hours", iso(hours[0])): 7}
     assert [line["contract_id"] for line in waiting(harness, "conflict")] == ["c-2"], rerun.output
     assert "; counted as delivered" not in rerun.output
-    assert rerun.returncode == 0, rerun.output
+    assert rerun.returncode == 1, "the run committing a conflict ends with exit 1"
     assert deployment(harness)["waiting"] == {iso(hours[0]): {"conflict": 1}}
 
 
