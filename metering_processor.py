@@ -4668,7 +4668,8 @@ class Exporter:
             self.ledger.write_hour(pending.hour, lines)
         self._commit(pending, waiting_counts(lines))
 
-    def _count_earlier_answers(self, pending: PendingHour, earlier: Mapping[Key, RecordLine]) -> None:
+    def _count_earlier_answers(self, pending: PendingHour,
+                               earlier: Mapping[Key, RecordLine]) -> None:
         """The records an earlier, unfinished attempt at ``pending`` found rejected or in
         conflict are committed with it by this run: counted in its report (so it ends with
         exit 1, as the run that met them may not have: it was killed or stopped), named once."""
