@@ -47,6 +47,7 @@ import difflib
 import enum
 import errno
 import fcntl
+import functools
 import hashlib
 import io
 import itertools
@@ -54,6 +55,7 @@ import json
 import logging
 import math
 import os
+import queue
 import random
 import re
 import signal
@@ -287,9 +289,13 @@ class StopRequest:
         self._last_words = last_words
 
     def _watch(self) -> None:
-        while not self._event.wait(self.POLL_SECONDS):
-            if self._retired.is_set():
-                return
+        # Waits on the retirement, not on the stop flag: the run's end must not wait out a
+        # poll (the flag is only set, never waited on, so a signal handler cannot block).
+        while not self._retired.wait(self.POLL_SECONDS):
+            if self._event.is_set():
+                break
+        else:
+            return
         ends = time.monotonic() + self.deadline - self.last_words_seconds
         while time.monotonic() < ends:
             if self._retired.wait(min(self.POLL_SECONDS, max(0.0, ends - time.monotonic()))):
@@ -378,6 +384,7 @@ EARLIEST_TIME = datetime(2000, 1, 1, tzinfo=timezone.utc)
 LATEST_TIME = datetime(3000, 1, 1, tzinfo=timezone.utc)
 
 
+@functools.lru_cache(maxsize=4096)  # the same few hours, for thousands of lines an hour
 def format_time(moment: datetime) -> str:
     """The wire and state format of a time: ``YYYY-MM-DDTHH:MM:SSZ``, in UTC."""
     return moment.astimezone(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
@@ -2178,10 +2185,12 @@ _QUANTITY_TEXT = re.compile(f"[0-9]{{1,{MAX_AMOUNT_DIGITS}}}")
 
 def amount_text(value: Fraction | int) -> str:
     """An amount as the state and the ledger keep it: ``"12"``, ``"0.5"``, ``"-0.333333333"``."""
-    scaled = Fraction(value) * RESOLUTION
-    if scaled.denominator != 1:
+    # Integer arithmetic: Fraction's own multiplication (a gcd each time) is several
+    # times slower, and the state and the ledger write thousands of amounts an hour.
+    numerator, denominator = Fraction(value).as_integer_ratio()
+    if RESOLUTION % denominator:
         raise ValueError(f"{value} is not a multiple of 1/{RESOLUTION}")
-    whole, part = divmod(abs(scaled.numerator), RESOLUTION)
+    whole, part = divmod(abs(numerator) * (RESOLUTION // denominator), RESOLUTION)
     return ("-" if value < 0 else "") + str(whole) + (f".{part:09d}".rstrip("0") if part else "")
 
 
@@ -2533,8 +2542,15 @@ class AccountedHour:
     checks: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"sources": self.sources, "formulas": self.formulas, "checks": self.checks,
-                "services": list(self.services), "amounts": amounts_to_json(self.amounts)}
+        """The hour's JSON (not to be changed), made once: an accounted hour never changes,
+        and the state, every hour of the lookback in it, is written twice an hour."""
+        document = self.__dict__.get("_json")
+        if document is None:
+            document = {"sources": self.sources, "formulas": self.formulas,
+                        "checks": self.checks, "services": list(self.services),
+                        "amounts": amounts_to_json(self.amounts)}
+            object.__setattr__(self, "_json", document)
+        return document
 
     @classmethod
     def from_json(cls, data: Any) -> AccountedHour:
@@ -2878,6 +2894,50 @@ def within_deadline(call: Callable[[], Any], seconds: float, where: str) -> Any:
     return outcome["result"]
 
 
+class DaemonPool:
+    """Threads that run submitted calls, started as needed up to ``workers``, that never
+    hold up the process's exit: a call abandoned past its deadline keeps its thread, which
+    ends with the process (concurrent.futures joins its threads at exit, for ever). Each
+    future gets ``started``, the monotonic time its call began."""
+
+    def __init__(self, workers: int, name: str):
+        self.workers = workers
+        self.name = name
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self._threads = 0
+        self._lock = threading.Lock()  # hours read ahead submit from two threads
+
+    def submit(self, call: Callable[[], Any]) -> concurrent.futures.Future:
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._calls.put((call, future))
+        with self._lock:
+            if self._threads < self.workers:
+                self._threads += 1
+                threading.Thread(target=self._serve, name=f"{self.name}_{self._threads}",
+                                 daemon=True).start()
+        return future
+
+    def shutdown(self) -> None:
+        """Let every thread end once the calls queued before are done or cancelled."""
+        with self._lock:
+            for _ in range(self._threads):
+                self._calls.put(None)
+
+    def _serve(self) -> None:
+        while True:
+            item = self._calls.get()
+            if item is None:
+                return
+            call, future = item
+            future.started = time.monotonic()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(call())
+            except BaseException as error:  # handed over to whoever waits on the future
+                future.set_exception(error)
+
+
 class RequestFailed(OSError):
     """No answer to an HTTP request; the message starts with the failure's own type name."""
 
@@ -2999,30 +3059,38 @@ def is_condition_failure(error: Exception) -> bool:
         http_status(error) in (409, 412)
 
 
-def s3_get(client: Any, bucket: str, key: str, limit: int, seconds: float,
-           limit_name: str = "MAX_EXPORT_FILE_BYTES") -> tuple[bytes, str]:
-    """(body, ETag) of one object, read whole within ``seconds`` and no further than
-    ``limit`` bytes (``limit_name`` says whose limit). Raises SourceError naming the object
-    if it is larger or too slow, and boto3's own errors (a missing object among them)."""
+def fetch_object(client: Any, bucket: str, key: str, limit: int,
+                 limit_name: str = "MAX_EXPORT_FILE_BYTES") -> tuple[bytes, str]:
+    """(body, ETag) of one object, read no further than ``limit`` bytes (``limit_name`` says
+    whose limit), with no deadline of its own: see s3_get. Raises SourceError naming the
+    object if it is larger, and boto3's own errors (a missing object among them)."""
     where = f"s3://{bucket}/{key}"
     too_large = f"more than {limit_name} ({limit} bytes)"
+    answer = client.get_object(Bucket=bucket, Key=key)
+    with contextlib.closing(answer["Body"]) as stream:
+        size = answer.get("ContentLength")
+        if isinstance(size, int) and size > limit:
+            raise SourceError(f"{where}: {size} bytes, {too_large}")
+        body = stream.read(limit + 1)
+    if len(body) > limit:
+        raise SourceError(f"{where}: {too_large}")
+    return body, str(answer.get("ETag", ""))
 
-    def fetch() -> tuple[bytes, str]:
-        answer = client.get_object(Bucket=bucket, Key=key)
-        with contextlib.closing(answer["Body"]) as stream:
-            size = answer.get("ContentLength")
-            if isinstance(size, int) and size > limit:
-                raise SourceError(f"{where}: {size} bytes, {too_large}")
-            body = stream.read(limit + 1)
-        if len(body) > limit:
-            raise SourceError(f"{where}: {too_large}")
-        return body, str(answer.get("ETag", ""))
 
+def too_slow(bucket: str, key: str, seconds: float) -> SourceError:
+    return SourceError(f"s3://{bucket}/{key} was not read within {seconds:g} s "
+                       "(S3_TIMEOUT_SECONDS)")
+
+
+def s3_get(client: Any, bucket: str, key: str, limit: int, seconds: float,
+           limit_name: str = "MAX_EXPORT_FILE_BYTES") -> tuple[bytes, str]:
+    """fetch_object within ``seconds``. Raises what it raises, or SourceError naming the
+    object if it was not read in time."""
     try:
-        return within_deadline(fetch, seconds, f"while reading {where}")
+        return within_deadline(lambda: fetch_object(client, bucket, key, limit, limit_name),
+                               seconds, f"while reading s3://{bucket}/{key}")
     except DeadlinePassed:
-        raise SourceError(f"{where} was not read within {seconds:g} s "
-                          "(S3_TIMEOUT_SECONDS)") from None
+        raise too_slow(bucket, key, seconds) from None
 
 
 @dataclass(frozen=True)
@@ -3047,11 +3115,11 @@ class ExportSource:
         self.max_file_bytes = max_file_bytes
         self.seconds = seconds
         self.workers = workers
-        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="s3-read")
+        self._pool = DaemonPool(workers, "s3-read")
 
     def close(self) -> None:
-        # After a stop, reads still in flight are left to end with the process.
-        self._pool.shutdown(wait=not STOP.is_set(), cancel_futures=True)
+        # Reads still in flight (after a stop, or past their deadline) end with the process.
+        self._pool.shutdown()
 
     def read_marker(self) -> ExportMarker | None:
         """The completion marker, or None if the bucket has none. Raises MarkerError if it
@@ -3114,10 +3182,10 @@ class ExportSource:
             raise SourceError(f"cannot list {where}: {error}") from None
 
     def read(self, key: str) -> tuple[bytes, str]:
-        """(body, ETag) of one export file. Raises SourceError if it cannot be read, is too
-        large or too slow."""
+        """(body, ETag) of one export file, with no deadline of its own (read_all watches
+        it). Raises SourceError if it cannot be read or is too large."""
         try:
-            return s3_get(self.client, self.bucket, key, self.max_file_bytes, self.seconds)
+            return fetch_object(self.client, self.bucket, key, self.max_file_bytes)
         except SourceError:
             raise
         except Exception as error:
@@ -3127,26 +3195,40 @@ class ExportSource:
         """Yield (key, body, ETag) for every key, read concurrently, in completion order.
 
         At most twice the pool size of reads are queued, so memory stays bounded however
-        many files an hour holds. The first failure is raised and the reads still queued
-        are cancelled. Raises RunStopped between two files once a stop is asked for.
+        many files an hour holds. The first failure is raised, or SourceError for a read
+        not done within S3_TIMEOUT_SECONDS of its start, and the reads still queued are
+        cancelled. Raises RunStopped once a stop is asked for.
         """
-        window = 2 * self.workers
-        pending: set[concurrent.futures.Future] = set()
+        pending: dict[concurrent.futures.Future, str] = {}
         try:
             for key in keys:
                 STOP.check("while reading the export")
-                pending.add(self._pool.submit(lambda k=key: (k, *self.read(k))))
-                if len(pending) >= window:
-                    done, pending = concurrent.futures.wait(
-                        pending, return_when=concurrent.futures.FIRST_COMPLETED)
-                    for future in done:
-                        yield future.result()
-            for future in concurrent.futures.as_completed(pending):
-                pending.discard(future)
-                yield future.result()
+                pending[self._pool.submit(lambda k=key: (k, *self.read(k)))] = key
+                while len(pending) >= 2 * self.workers:
+                    yield from self._finished(pending)
+            while pending:
+                yield from self._finished(pending)
         finally:
             for future in pending:
                 future.cancel()
+
+    def _finished(self, pending: dict[concurrent.futures.Future, str]
+                  ) -> Iterator[tuple[str, bytes, str]]:
+        """The reads of ``pending`` that end within a poll, taken out of it. Raises what a
+        read raised, SourceError for one past its deadline, or RunStopped.
+
+        The deadline is watched here rather than by within_deadline around each read: handing
+        every read to a thread of its own cost more than a third of the catch-up's time."""
+        done, _ = concurrent.futures.wait(pending, timeout=StopRequest.POLL_SECONDS,
+                                          return_when=concurrent.futures.FIRST_COMPLETED)
+        for future in done:
+            del pending[future]
+            yield future.result()
+        STOP.check("while reading the export")
+        now = time.monotonic()
+        for future, key in pending.items():
+            if now - getattr(future, "started", now) > self.seconds:
+                raise too_slow(self.bucket, key, self.seconds)
 
 
 class HourReader:
