@@ -745,3 +745,24 @@ def test_retry_failed_resends_a_record_with_the_cloud_it_was_computed_for(harnes
     assert [(line["outcome"], line["cloud"]) for line in records(harness) if line["contract_id"] == "c-2"] == [
         ("rejected", "azure"), ("resending", "azure"), ("delivered on retry", "azure")]
     assert ledger_waiting(harness) == []
+
+
+def test_a_contract_moving_to_a_plan_on_another_marketplace_takes_its_fraction_with_it(harness, hours):
+    """0.5 cpu-hours under A (aws), then 0.75 under B (azure), then nothing: the contract used
+    1.25, so one unit is billed, on azure, in the second hour (the fraction carried from the
+    aws hour goes with the contract), and the 0.25 left stays carried under azure."""
+    write(harness, A, hours[0], {"sub-AAAAAAAAAA": [row(A, hours[0], "c-1", 0.5)]})
+    write(harness, B, hours[1], {"sub-BBBBBBBBBB": [row(B, hours[1], "c-1", 0.75, subscription="sub-BBBBBBBBBB")]})
+    finals(harness, A=hours.final(3), B=hours.final(3))
+    result = harness.run(env={**MARKETPLACES, "START_HOUR": iso(hours[0])})
+    assert result.returncode == 0, result.output
+    assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[1])): 1}
+    [(sent, _)] = harness.clazar.received
+    assert sent["cloud"] == "azure"
+    state = deployment(harness)
+    assert state["last_processed_hour"] == iso(hours[2])
+    assert state["remainders"] == {"c-1": {"cpu_core_hours": "0.25"}}
+    assert state["clouds"] == {"c-1": "azure"}
+    assert [(line["hour"], line["quantity"], line["amount"], line["carried_in"], line["cloud"])
+            for line in records(harness)] == [(iso(hours[0]), 0, "0.5", "0", "aws"),
+                                              (iso(hours[1]), 1, "0.75", "0.5", "azure")]
