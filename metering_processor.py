@@ -2585,6 +2585,13 @@ class ServiceEntry:
     last_processed_hour: datetime | None = None
     # Once the marker decided this service's hours, a missing marker is an error.
     hours_by_marker: bool = False
+    # The first hour it was billed with, when it joined the deployment after its start.
+    first_hour: datetime | None = None
+
+    def billed(self, hour: datetime) -> bool:
+        """Whether ``hour``, processed by the deployment, was billed with this service."""
+        return (self.first_hour is None or self.first_hour <= hour) and \
+            self.last_processed_hour is not None and hour <= self.last_processed_hour
 
     def to_json(self) -> dict[str, Any]:
         entry: dict[str, Any] = {}
@@ -2592,15 +2599,18 @@ class ServiceEntry:
             entry["last_processed_hour"] = format_time(self.last_processed_hour)
         if self.hours_by_marker:
             entry["hours_by_marker"] = True
+        if self.first_hour is not None:
+            entry["first_hour"] = format_time(self.first_hour)
         return entry
 
     @classmethod
     def from_json(cls, data: Any) -> ServiceEntry:
-        _fields(data, (), ("last_processed_hour", "hours_by_marker"))
+        _fields(data, (), ("last_processed_hour", "hours_by_marker", "first_hour"))
         if not isinstance(data.get("hours_by_marker", False), bool):
             raise ValueError("hours_by_marker is not true or false")
-        hour = data.get("last_processed_hour")
-        return cls(None if hour is None else parse_hour(hour), data.get("hours_by_marker", False))
+        hour, first = data.get("last_processed_hour"), data.get("first_hour")
+        return cls(None if hour is None else parse_hour(hour), data.get("hours_by_marker", False),
+                   None if first is None else parse_hour(first))
 
 
 STATE_VERSION = 2
@@ -4614,7 +4624,8 @@ class Exporter:
             if entry.last_processed_hour is None or entry.last_processed_hour < start:
                 log.warning("Service %s is new to this deployment: it starts with hour %s; its "
                             "earlier hours are not billed", service.key, display_hour(start + HOUR))
-                entry = dataclasses.replace(entry, last_processed_hour=start)
+                entry = dataclasses.replace(entry, last_processed_hour=start,
+                                            first_hour=start + HOUR)
                 state = state.with_service(service.key, entry)
         return state
 
@@ -5244,6 +5255,24 @@ def reconcile_hour(now: Mapping[Key, Fraction], lines: Sequence[LedgerLine],
     return compared, {**carried_in, **after}
 
 
+def billed_services(config: Config, state: DeploymentState, hour: datetime
+                    ) -> list[ServiceKey]:
+    """The services a processed ``hour`` was billed with: its mark's, while it is kept; else
+    the configured services that had joined by then, and the removed ones that still had
+    (read with the first configured service's marketplace: its own is not kept)."""
+    default = config.services[0].cloud
+    known = {service.key: service for service in config.services}
+    mark = state.accounted.get(hour)
+    if mark is not None:
+        keys = list(mark.services)
+    else:
+        keys = [key for key in known if state.service(key).first_hour is None
+                or state.service(key).first_hour <= hour]
+        keys += [key for key, entry in sorted(state.services.items())
+                 if key not in known and entry.billed(hour)]
+    return [known.get(key) or parse_service_keys(key, default)[0] for key in keys]
+
+
 def reconcile(config: Config, reader: HourReader, ledger: Ledger, state: DeploymentState,
               first: datetime,
               last: datetime) -> dict[str, Any]:
@@ -5252,14 +5281,15 @@ def reconcile(config: Config, reader: HourReader, ledger: Ledger, state: Deploym
     differences, unattributable = [], 0
     processed = state.last_processed_hour
     hours = [first + i * HOUR for i in range(hours_between(first, last + HOUR))]
-    due = [(hour, config.services) for hour in hours if processed is not None and hour <= processed]
+    due = [(hour, billed_services(config, state, hour)) for hour in hours
+           if processed is not None and hour <= processed]
     chain: dict[Key, Fraction] = {}
-    clouds = {service.key: service.cloud for service in config.services}
     with contextlib.closing(reader.read_ahead(due)) as usages:
         for usage in usages:
             STOP.check(f"before hour {display_hour(usage.hour)}")
             unattributable += usage.unattributable
-            now, contract_clouds = billable_amounts(usage, config.formulas, clouds)
+            now, contract_clouds = billable_amounts(usage, config.formulas,
+                                                    {s.key: s.cloud for s in usage.services})
             cloud_of = {**state.clouds, **contract_clouds}
             compared, chain = reconcile_hour(now, ledger.read_hour(usage.hour) or [], chain,
                                              lambda c, clouds=cloud_of: config.record_limit(
