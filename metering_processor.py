@@ -3725,6 +3725,45 @@ def check_folder(path: str, what: str) -> None:
                          f"the {what} in a folder of your own (mode 0700)")
 
 
+def check_links(path: str, what: str) -> None:
+    """Raise StateError if a symbolic link on the way to ``path`` lies in a folder others may
+    write (see check_folder) or belongs to another user (root aside): whoever may plant or
+    swap the link chooses what is read as the state and where it is written."""
+    current, pending, hops = os.sep, os.path.abspath(path).split(os.sep)[1:], 0
+    while pending and hops <= 40:  # past 40 links the path itself fails to resolve (ELOOP)
+        part = pending.pop(0)
+        if part in ("", "."):
+            continue
+        if part == "..":
+            current = os.path.dirname(current)
+            continue
+        candidate = os.path.join(current, part)
+        try:
+            status = os.lstat(candidate)
+        except OSError:
+            return  # nothing there: nothing more to follow
+        if not stat.S_ISLNK(status.st_mode):
+            current = candidate
+            continue
+        hops += 1
+        problem = None
+        try:
+            check_folder(current, what)
+        except StateError:
+            problem = "lies in a folder others may write and not of this user"
+        if status.st_uid not in (os.geteuid(), 0):
+            problem = f"belongs to user id {status.st_uid}"
+        if problem:
+            raise StateError(f"the {what}'s path {candidate} is a symbolic link that {problem}: "
+                             f"whoever could plant or swap it chooses the {what} this run "
+                             "reads and writes, so it was not followed. Point STATE_FILE_PATH "
+                             "at a file in a folder of your own")
+        target = os.readlink(candidate)
+        if os.path.isabs(target):
+            current = os.sep
+        pending = target.split(os.sep) + pending
+
+
 def write_file_atomically(path: str, chunks: Iterable[bytes], mode: int = 0o600) -> None:
     """Replace ``path`` with ``chunks``: temporary file in the same folder, fsync, rename,
     fsync of the folder. Readers see the old file or the new one, never a part, and after
@@ -4168,7 +4207,8 @@ def open_state_store(config: Config, client: Any) -> StateStore:
     """The store STATE_FILE_PATH names: ``s3://bucket/key`` or a local path. A local path
     that is a symbolic link is resolved once, here: the state is written beside its target
     and replaces it (the link stays), and every run, by the link or by the target's own
-    path, takes the same lock, <target>.lock."""
+    path, takes the same lock, <target>.lock. A link on the way that another user could have
+    planted or swapped is refused (check_links). Raises StateError."""
     s3 = split_s3_url(config.state_path)
     if s3:
         bucket, key = s3
@@ -4177,6 +4217,7 @@ def open_state_store(config: Config, client: Any) -> StateStore:
                             config.s3_timeout_seconds)
         lease = S3Lease(client, bucket, key + ".lock", config.s3_timeout_seconds)
         return StateStore(storage, name, lease, config.state_path)
+    check_links(config.state_path, "state")
     target, absolute = os.path.realpath(config.state_path), os.path.abspath(config.state_path)
     display = absolute if target == absolute else f"{absolute} (-> {target})"
     folder, name = os.path.split(target)

@@ -1,11 +1,19 @@
+# ruff: noqa: F811 - the fixtures of test_hostile_s3, imported, are parameters here
 """Hostile infrastructure and secrets, the cases the other hostile tests leave open: a
 password in a URL refused for another reason, a state reached through a link that another
 user planted in a folder open to all."""
 
 from __future__ import annotations
 
+import json
+import os
+
 import pytest
 from conftest import one_hour
+from export_data import iso
+# The export (and S3 state) in the in-memory S3 of the hostile-infrastructure tests.
+from test_hostile_s3 import (EXPORTER_UID, PLANTER_UID, as_another_user, export_of_one_hour, fake,  # noqa: F401
+                             folder, harness, run_as_exporter_user, unprivileged)
 
 CONFIG_ERROR = "metering_processor: configuration error: "
 PASSWORD = "hunter2-pw"
@@ -34,3 +42,50 @@ def test_a_url_refused_for_another_reason_never_prints_its_password(harness, hou
     assert result.output == f"{CONFIG_ERROR}{variable}: {problem}\n", result.output
     assert PASSWORD not in result.output and "ops" not in result.output.split(":", 2)[2]
     assert harness.clazar.auth_calls == 0 and harness.state() == {}
+
+
+# --- a state reached through a link another user planted ------------------------------------
+
+
+@as_another_user
+@pytest.mark.parametrize("case", ["shared folder", "own open folder"])
+def test_a_state_reached_through_a_link_another_user_planted_is_exit_4_before_anything_is_read(
+        harness, fake, hours, unprivileged, case):
+    """Whoever may plant or swap the link chooses which state the run reads and where it writes
+    one: pointed at nothing, the run starts afresh and the hours it had not yet sent are never
+    billed; pointed at another deployment's state, it bills with that state's progress."""
+    base, home = unprivileged
+    env = export_of_one_hour(harness, hours)
+    if case == "shared folder":
+        where = folder(base / "shared", 0, 0o1777)  # as /tmp is
+    else:
+        where = folder(base / "open", EXPORTER_UID, 0o777)  # the exporter's own, open to all
+    own = folder(base / "own", EXPORTER_UID, 0o700)
+    target = own / "chosen-by-another.json"
+    link = where / "metering_state.json"
+    link.symlink_to(target)
+    os.lchown(link, PLANTER_UID, PLANTER_UID)
+    fake.requests.clear()
+    code, output = run_as_exporter_user(harness, home, {**env, "STATE_FILE_PATH": str(link)})
+    assert code == 4, output
+    assert f"the state's path {link} is a symbolic link" in output, output
+    assert "Traceback" not in output
+    assert harness.clazar.metering_calls == 0 and harness.clazar.auth_calls == 0
+    assert fake.requests == [], "nothing was read from S3"
+    assert os.listdir(own) == [] and os.readlink(link) == str(target)
+
+
+@as_another_user
+def test_a_state_reached_through_the_users_own_link_in_its_own_folder_is_used(harness, fake, hours, unprivileged):
+    """The control: a link of the user's own, in a folder no one else may write, is followed."""
+    base, home = unprivileged
+    env = export_of_one_hour(harness, hours)
+    own = folder(base / "own", EXPORTER_UID, 0o700)
+    target = own / "metering_state.json"
+    link = own / "current.json"
+    link.symlink_to(target.name)
+    os.lchown(link, EXPORTER_UID, EXPORTER_UID)
+    code, output = run_as_exporter_user(harness, home, {**env, "STATE_FILE_PATH": str(link)})
+    assert code == 0, output
+    assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
+    assert json.loads(target.read_bytes())["deployment"]["last_processed_hour"] == iso(hours[0])
