@@ -1293,7 +1293,28 @@ def split_s3_url(path: str) -> tuple[str, str] | None:
     return bucket, key
 
 
+# The bucket names boto3 accepts (it refuses others only when the first request is made), and
+# access point ARNs.
+BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}|arn:[^\s/]+(?:/[^\s/]+)?")
+
+
+def _bucket_name(variable: str, name: str) -> str:
+    if not BUCKET_NAME.fullmatch(name):
+        raise ConfigError(variable, "must be the bucket's name alone, without s3:// or a folder, "
+                                    f"got {shown_text(name)}")
+    return name
+
+
+def _not_a_misspelt_s3_url(variable: str, path: str) -> None:
+    """S3://..., s3:/... or s3:... would otherwise be a local path: a state or ledger started
+    afresh on local disk, not the one in S3."""
+    if path[:3].lower() == "s3:" and not path.startswith("s3://"):
+        raise ConfigError(variable, f"must be s3://bucket/... (in lower case, two slashes) or a "
+                                    f"local path, got {shown_text(path)}")
+
+
 def _state_path(path: str) -> str:
+    _not_a_misspelt_s3_url("STATE_FILE_PATH", path)
     s3 = split_s3_url(path)
     if s3:
         bucket, key = s3
@@ -1316,6 +1337,7 @@ def _ledger_path(path: str | None, state_path: str) -> str:
             folder = key.rpartition("/")[0]
             return f"s3://{bucket}/{folder + '/' if folder else ''}metering_ledger"
         return os.path.join(os.path.dirname(state_path) or ".", "metering_ledger")
+    _not_a_misspelt_s3_url("LEDGER_PATH", path)
     s3 = split_s3_url(path)
     if s3:
         bucket, prefix = s3
@@ -1529,7 +1551,7 @@ def load_config(environ: Mapping[str, str], *, dry_run: bool | None = None,
     credentials and sends none; nor does a command that never ``sends``.
     """
     env = _Environment(environ)
-    bucket = env.required("S3_BUCKET_NAME")
+    bucket = _bucket_name("S3_BUCKET_NAME", env.required("S3_BUCKET_NAME"))
     services = _services(env)
     is_dry_run = env.get("DRY_RUN") if dry_run is None else dry_run
     credentials_travel = sends and not is_dry_run
@@ -2140,7 +2162,9 @@ def over_limit(record: Record, limit: int | None) -> str | None:
     return (f"contract {record['contract_id']} dimension {record['dimension']} hour "
             f"{record['start_time']} has quantity {record['quantity']}, above the {limit} one "
             f"{record['cloud']} record may carry (MAX_RECORD_QUANTITY); bill it in a larger unit "
-            f"with a formula, e.g. DIMENSION1_NAME={name} and DIMENSION1_FORMULA={formula}")
+            "with a formula, and give every other dimension you bill one too (once one is set, "
+            "only the DIMENSION<n> dimensions are sent; config.env.example sets all four), e.g. "
+            f"DIMENSION1_NAME={name} and DIMENSION1_FORMULA={formula}")
 
 
 def duplicate_outcome(earlier: str | None, may_have_landed_before: bool, retried: bool) -> str:
