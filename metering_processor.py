@@ -5346,8 +5346,10 @@ def reconcile(config: Config, reader: HourReader, ledger: Ledger, state: Deploym
     differences, unattributable = [], 0
     processed = state.last_processed_hour
     hours = [first + i * HOUR for i in range(hours_between(first, last + HOUR))]
+    # Hours before the deployment's first were never its to bill (START_HOUR): not compared.
+    before = [hour for hour in hours if state.first_hour is not None and hour < state.first_hour]
     due = [(hour, billed_services(config, state, hour)) for hour in hours
-           if processed is not None and hour <= processed]
+           if processed is not None and hour <= processed and hour not in before]
     chain: dict[Key, Fraction] = {}
     with contextlib.closing(reader.read_ahead(due)) as usages:
         for usage in usages:
@@ -5375,7 +5377,8 @@ def reconcile(config: Config, reader: HourReader, ledger: Ledger, state: Deploym
                       "difference": value[0] - value[1], "rejected": value[2], "conflict": value[3]}
                      for key, value in sorted(rows.items())],
             "differences": differences, "unattributable_records": unattributable,
-            "hours_not_processed_yet": len(hours) - len(due)}
+            "hours_not_processed_yet": len(hours) - len(due) - len(before),
+            "hours_before_first_hour": len(before)}
 
 
 def spreadsheet_safe(cell: Any) -> Any:
@@ -5409,6 +5412,9 @@ def format_reconciliation(result: Mapping[str, Any], style: str) -> str:
     if result["unattributable_records"]:
         lines.append(f"{result['unattributable_records']} unattributable usage record(s) (no "
                      "externalPayerId or dimension)")
+    if result["hours_before_first_hour"]:
+        lines.append(f"{result['hours_before_first_hour']} hour(s) of the range before the "
+                     "deployment's first hour, never its to bill, not compared")
     if result["hours_not_processed_yet"]:
         lines.append(f"{result['hours_not_processed_yet']} hour(s) of the range not processed yet, "
                      "not compared")
