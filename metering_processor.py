@@ -746,6 +746,14 @@ def check_utf8(variable: str, value: str) -> None:
         raise ConfigError(variable, "is not valid UTF-8 text; save the file it comes from as UTF-8")
 
 
+def check_unquoted(variable: str, value: str) -> None:
+    """Raise ConfigError naming ``variable`` if its value is wrapped in quotes: the shell and
+    systemd take them off, but `docker run --env-file` keeps them as part of the value."""
+    if len(value) >= 2 and value[0] == value[-1] and value[0] in "\"'":
+        raise ConfigError(variable, "is wrapped in quotes, which are part of the value where "
+                                    "docker run --env-file reads it; write it without them")
+
+
 @dataclass(frozen=True)
 class Setting:
     """One environment variable: the one place its name, kind, default, bounds and
@@ -1113,6 +1121,7 @@ def load_formulas(environ: Mapping[str, str]) -> tuple[Formula, ...]:
         match = _DIMENSION_VARIABLE.match(variable)
         if match and value.strip():
             check_utf8(variable, value)
+            check_unquoted(variable, value.strip())
             # Compared as text first: int() refuses numbers of more than 4,300 digits.
             number = match.group(1)
             if len(number) > len(str(MAX_DIMENSION_NUMBER)) or int(number) > MAX_DIMENSION_NUMBER:
@@ -1415,6 +1424,8 @@ class _Environment:
     def text(self, name: str, default: str | None = None) -> str | None:
         value = self.environ.get(name, "").strip()
         check_utf8(name, value)
+        if name != "CLAZAR_CLIENT_SECRET":  # a secret may begin and end with anything
+            check_unquoted(name, value)
         return value if value else default
 
     def required(self, name: str, why: str = "is required") -> str:

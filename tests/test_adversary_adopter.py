@@ -55,3 +55,23 @@ def test_the_advice_for_a_quantity_above_the_limit_keeps_the_other_dimensions_bi
     problem = mp.over_limit(record, 2**31 - 1)
     assert "DIMENSION1_FORMULA=memory_byte_hours/1073741824" in problem
     assert "every other dimension you bill" in problem and "only the DIMENSION<n> dimensions are sent" in problem
+
+
+@pytest.mark.parametrize("variable, value", [
+    ("DIMENSION2_FORMULA", '"memory_byte_hours/1073741824"'), ("CLAZAR_CLIENT_ID", "'your-clazar-client-id'"),
+    ("SERVICES", '"Acme Vector DB:PROD:pt-Q7rT2bX9kL=aws"'), ("METRICS_FILE", '"/var/lib/metering.prom"'),
+])
+def test_a_value_docker_would_read_with_its_quotes_is_named(variable, value):
+    """`docker run --env-file` keeps quotes: a quoted client id was sent to Clazar as it stood
+    (refused, every run), a quoted formula refused as one that 'may only contain numbers'."""
+    environment = {**BASE, variable: value, "DIMENSION1_NAME": "memory_gib_hours",
+                   "DIMENSION1_FORMULA": "memory_byte_hours/1073741824"}
+    if variable == "DIMENSION2_FORMULA":
+        environment["DIMENSION2_NAME"] = "memory_units"
+    with pytest.raises(mp.ConfigError, match="wrapped in quotes") as error:
+        mp.load_config(environment)
+    assert error.value.variable == variable
+
+
+def test_a_secret_may_begin_and_end_with_a_quote():
+    assert mp.load_config({**BASE, "CLAZAR_CLIENT_SECRET": '"s3cr3t"'}).client_secret == '"s3cr3t"'
