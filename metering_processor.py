@@ -5516,8 +5516,10 @@ def retry_failed(config: Config, store: StateStore, state: DeploymentState, ledg
     before the state's count is updated (the ledger is the truth). Memory holds one hour's
     waiting records at a time. Returns (exit code, state)."""
     code = ExitCode.OK
+    waiting = 0
     for when in waiting_hours(state, REJECTED, hour):
         chosen = list_waiting(state, ledger, REJECTED, contract, when)
+        waiting += len(chosen)
         # The per-record limit holds for every send: a record above today's stays waiting.
         refused = {line.key: over_limit(line.record(), config.record_limit(line.cloud))
                    for line in chosen}
@@ -5543,6 +5545,9 @@ def retry_failed(config: Config, store: StateStore, state: DeploymentState, ledg
             code = ExitCode.FAILED if failed else code
         state = state.with_waiting(when, waiting_counts(ledger.read_hour(when) or []))
         store.save(state)
+    if not waiting:
+        log.info("No rejected record waiting%s; nothing to resend",
+                 " for that contract or hour" if contract or hour else "")
     return code, state
 
 

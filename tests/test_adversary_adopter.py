@@ -75,3 +75,14 @@ def test_a_value_docker_would_read_with_its_quotes_is_named(variable, value):
 
 def test_a_secret_may_begin_and_end_with_a_quote():
     assert mp.load_config({**BASE, "CLAZAR_CLIENT_SECRET": '"s3cr3t"'}).client_secret == '"s3cr3t"'
+
+
+@pytest.mark.parametrize("arguments", [["retry-failed"], ["retry-failed", "--dry-run"],
+                                       ["retry-failed", "--contract", "c-1"]])
+def test_retry_failed_with_nothing_waiting_says_so(arguments, tmp_path, monkeypatch, capsys):
+    """As `conflicts` says "No conflict waiting.": an operator following the runbook must be
+    able to tell "nothing to resend" from a command that did nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert mp.main(arguments, {**BASE, "STATE_FILE_PATH": str(tmp_path / "metering_state.json")}) == 0
+    output = capsys.readouterr()
+    assert "No rejected record waiting" in output.out + output.err
