@@ -1304,7 +1304,7 @@ def split_s3_url(path: str) -> tuple[str, str] | None:
 
 # The bucket names boto3 accepts (it refuses others only when the first request is made), and
 # access point ARNs.
-BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}|arn:[^\s/]+(?:/[^\s/]+)?")
+BUCKET_NAME = re.compile(r"[a-zA-Z0-9.\-_]{1,255}|arn:\S+")
 
 
 def _bucket_name(variable: str, name: str) -> str:

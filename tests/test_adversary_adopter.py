@@ -26,7 +26,8 @@ def test_a_bucket_written_as_a_url_or_with_a_folder_is_a_setting_error(value, tm
 
 
 @pytest.mark.parametrize("value", ["your-export-bucket", "omnistrate.usage_Export-2",
-                                   "arn:aws:s3:us-east-1:123456789012:accesspoint/metering"])
+                                   "arn:aws:s3:us-east-1:123456789012:accesspoint/metering",
+                                   "arn:aws:s3-outposts:us-east-1:123456789012:outpost/op-01ac5d28a6a232904/accesspoint/m"])
 def test_bucket_names_and_access_points_are_accepted(value):
     assert mp.load_config({**BASE, "S3_BUCKET_NAME": value}).bucket == value
 
