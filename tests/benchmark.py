@@ -3,8 +3,7 @@
     .venv/bin/python tests/benchmark.py                 # 6 h x 100 files x 8 records
     .venv/bin/python tests/benchmark.py --scale         # time at 1x, 4x and 16x the files
     .venv/bin/python tests/benchmark.py --memory        # peak RSS at 1, 2 and 4 h x 5,000 files
-    .venv/bin/python tests/benchmark.py --tune          # exporter time against its pool sizes
-    .venv/bin/python tests/benchmark.py --waiting       # status and retry-failed with 1,000,000 rejected records
+    .venv/bin/python tests/benchmark.py --waiting       # status and retry-failed with up to 1,000,000 waiting records
 
 It starts SeaweedFS behind a proxy that adds a fixed delay to each S3 request, and
 the Clazar stand-in with a fixed delay per call; writes H hours x F files x R records
@@ -214,16 +213,16 @@ def main_benchmark(arguments) -> None:
     try:
         print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}, "
               f"{platform.platform()}")
+        once = arguments.memory or arguments.waiting  # each row is one run
         print(f"S3 delay {arguments.s3_delay * 1000:.0f} ms per request, Clazar delay "
-              f"{arguments.clazar_delay * 1000:.0f} ms per call, median of {arguments.repeat}")
+              f"{arguments.clazar_delay * 1000:.0f} ms per call, "
+              + ("one run each" if once else f"median of {arguments.repeat}"))
         if arguments.memory:
             return memory(bench, arguments)
         if arguments.waiting:
             return waiting(bench, arguments)
         if arguments.scale:
             return scale(bench, arguments)
-        if arguments.tune:
-            return tune(bench, arguments)
         h, f, r = arguments.hours, arguments.files, arguments.records
         bucket, start, expected, prefixes = bench.dataset(h, f, r)
         results = defaultdict(list)
@@ -259,31 +258,22 @@ def scale(bench, arguments) -> None:
         print(f"| {factor}x | {objects} | {seconds:.2f} | {seconds / objects * 1000:.2f} |")
 
 
-def tune(bench, arguments) -> None:
-    """The exporter's wall time against its two pool sizes, to choose their defaults."""
-    h, f, r = arguments.hours, arguments.files, arguments.records
-    bucket, start, expected, _ = bench.dataset(h, f, r)
-    print("\n| S3_READ_CONCURRENCY | CLAZAR_CONCURRENCY | exporter wall time (s) |\n|---|---|---|")
-    for reads, sends in ((4, 4), (8, 4), (16, 4), (32, 4), (64, 4), (16, 1), (16, 2), (16, 8), (16, 16)):
-        settings = {"S3_READ_CONCURRENCY": str(reads), "CLAZAR_CONCURRENCY": str(sends)}
-        times = [bench.exporter(bucket, start, h, expected, settings)[0] for _ in range(arguments.repeat)]
-        print(f"| {reads} | {sends} | {statistics.median(times):.2f} |")
-
-
 def memory(bench, arguments) -> None:
-    """Peak RSS over 1, 2 and 4 hours of 5,000 files, and 4 hours read one at a time."""
+    """Peak RSS over 1, 2 and 4 hours of 5,000 files (the 4 hours' totals checked)."""
     bucket, start, expected, _ = bench.dataset(4, 5000, arguments.records)
-    print("\n| hours x files | records | READ_AHEAD_HOURS | exporter wall time (s) | peak RSS (MB) |\n|---|---|---|---|---|")
-    for hours, ahead in ((1, "2"), (2, "2"), (4, "2"), (4, "0")):
-        seconds, rss, _ = bench.exporter(bucket, start, hours, expected if hours == 4 else None,
-                                         {"READ_AHEAD_HOURS": ahead})
-        print(f"| {hours} x 5000 | {hours * 5000 * arguments.records} | {ahead} | {seconds:.2f} | {rss:.0f} |", flush=True)
+    print("\n| hours x files | records | exporter wall time (s) | peak RSS (MB) |\n|---|---|---|---|")
+    for hours in (1, 2, 4):
+        seconds, rss, _ = bench.exporter(bucket, start, hours, expected if hours == 4 else None)
+        print(f"| {hours} x 5000 | {hours * 5000 * arguments.records} | {seconds:.2f} | {rss:.0f} |", flush=True)
 
 
 def waiting(bench, arguments) -> None:
     """Peak RSS and time of status and retry-failed --dry-run with 10,000, 100,000 and
-    1,000,000 rejected records waiting (1,000 contracts, one record each per hour)."""
-    from conftest import fabricate_rejected
+    1,000,000 rejected records waiting (1,000 contracts, one record each per hour), written
+    as runs leave them by the suite's own helper."""
+    from types import SimpleNamespace
+
+    from conftest import fabricate_waiting
     from export_data import current_hour
 
     bucket = f"bench-waiting-{int(time.time() * 1000) % 10**8}"
@@ -294,8 +284,10 @@ def waiting(bench, arguments) -> None:
         folder = bench.folder / f"waiting-{hours}"
         state = folder / "metering_state.json"
         folder.mkdir()
-        count = fabricate_rejected(state, ":".join(SERVICE), [current_hour() - timedelta(hours=h + 1) for h in range(hours)],
-                                   [f"c-{i:05d}" for i in range(1000)])
+        # fabricate_waiting needs of its harness only where the state is.
+        count = fabricate_waiting(SimpleNamespace(state_path=state),
+                                  [current_hour() - timedelta(hours=h + 1) for h in range(hours)],
+                                  [f"c-{i:05d}" for i in range(1000)])
         env = {**bench.env, "S3_BUCKET_NAME": bucket, "STATE_FILE_PATH": str(state)}
         command = [sys.executable, str(TESTS.parent / "metering_processor.py")]
         status_seconds, status_rss, _, _ = timed([*command, "status"], env)
@@ -322,7 +314,6 @@ def main() -> None:
     parser.add_argument("--floor-workers", type=int, default=64)
     parser.add_argument("--scale", action="store_true", help="exporter time at 1x, 4x and 16x the files")
     parser.add_argument("--memory", action="store_true", help="peak RSS at 1, 2 and 4 hours of 5,000 files")
-    parser.add_argument("--tune", action="store_true", help="exporter time against its pool sizes")
     parser.add_argument("--waiting", action="store_true", help="status and retry-failed with up to 1,000,000 waiting records")
     main_benchmark(parser.parse_args())
 

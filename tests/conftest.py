@@ -301,16 +301,6 @@ class Harness:
                         lines += [json.loads(line) for line in handle]
         return lines
 
-    def waiting(self, outcome: str = "rejected") -> list[dict]:
-        """The ledger lines of the records waiting as ``outcome``, as the exporter reads them."""
-        import metering_processor
-
-        by_hour: dict[str, list[dict]] = {}
-        for line in self.ledger_lines():
-            by_hour.setdefault(line["hour"], []).append(line)
-        return [line for hour in sorted(by_hour) for line in metering_processor.waiting_records(by_hour[hour]).values()
-                if line["outcome"] == outcome]
-
 
 class RunTimedOut(BaseException):
     """An in-process run still going after its timeout (a BaseException, so that no
@@ -443,25 +433,6 @@ def run_in_process(arguments, environment: dict[str, str], folder: Path, timeout
     assert logging.getLogger().handlers == handlers, "the log handlers were changed"
     # Read as the subprocess harness reads a pipe: UTF-8, strictly.
     return code, out_bytes.getvalue().decode(), "" if merged else err_bytes.getvalue().decode()
-
-
-def fabricate_rejected(state_path: Path, service_key: str, hours, contracts, dimension: str = "replica_hours") -> int:
-    """Records Clazar rejected, waiting as runs leave them: each hour's ledger file written
-    by the exporter's own Ledger, and the state's count per hour. Returns how many."""
-    import metering_processor as mp
-
-    ledger = mp.Ledger(mp.LocalLedgerStorage(str(state_path.parent / "metering_ledger")))
-    book = mp.StateBook(mp.LocalStateStore(str(state_path)))
-    state, count = book.service(service_key), 0
-    for hour in hours:
-        quantities = {(contract, dimension): 3 for contract in contracts}
-        pending = mp.PendingHour(hour, tuple(mp.metering_records(hour, "aws", quantities)), {})
-        results = {key: mp.RecordResult(mp.REJECTED, None, {"status": "fail"}) for key in quantities}
-        ledger.record_hour(service_key, pending, results, {}, hour)
-        state = state.with_waiting(hour, {mp.REJECTED: len(quantities)})
-        count += len(quantities)
-    book.save(service_key, state)
-    return count
 
 
 @pytest.fixture
