@@ -219,6 +219,8 @@ class StopRequest:
         self._last_words: Callable[[], None] | None = None
         self._watchdog: threading.Thread | None = None
         self._previous: dict[int, Any] = {}
+        # Looked at by every check: may ask for a stop itself (a lease that lapsed).
+        self.guard: Callable[[], None] | None = None
 
     @property
     def grace(self) -> float:
@@ -269,6 +271,8 @@ class StopRequest:
 
     def check(self, where: str) -> None:
         """Raise RunStopped, saying ``where`` the run stopped, once a stop was asked for."""
+        if self.guard is not None and not self._event.is_set():
+            self.guard()
         if self._event.is_set():
             stopped = RunStopped(f"{self.reason}: stopped {where}")
             stopped.exit_code = self.exit_code
@@ -4054,6 +4058,9 @@ class LocalLock:
                              "was not written. Remove it (no run uses it) and run again")
         check_ours(self.path, status, "lock file")
 
+    def check_held(self) -> None:
+        """Nothing to check: a flock is held until it is released."""
+
     def release(self) -> None:
         if self._handle is not None:
             # The file stays: removing it would let a third run lock a new inode while the
@@ -4085,6 +4092,7 @@ class S3Lease:
         self._etag: str | None = None
         self._stop_renewing = threading.Event()
         self._renewer: threading.Thread | None = None
+        self._written_at: float | None = None  # time.monotonic() as the last write left
 
     def _body(self) -> bytes:
         expires = self.clock() + timedelta(seconds=LEASE_SECONDS)
@@ -4092,8 +4100,29 @@ class S3Lease:
                            "expires_at": format_time(expires)}).encode()
 
     def _put(self, **condition: str) -> str:
-        return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
+        started = time.monotonic()
+        etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
                                       ContentType="application/json", **condition)["ETag"]
+        self._written_at = started
+        return etag
+
+    def check_held(self) -> None:
+        """Raise StateError if this run may no longer hold the lease: it was lost to another
+        run, or two thirds of its life have passed since it was last written (two renewals
+        missed: the process was stopped, a VM paused), so another run may take it over at any
+        moment, or already has. Nothing may be sent or written after that."""
+        written = self._written_at
+        if not self.lost.is_set() and written is not None and \
+                time.monotonic() - written >= LEASE_SECONDS * 2 / 3:
+            self.lost.set()
+            log.error("The lease %s was last renewed %.0f s ago, more than two thirds of its %d s: "
+                      "this run was held up (stopped, or its machine paused) and another run may "
+                      "have taken it over; nothing more will be sent or written",
+                      self.display, time.monotonic() - written, LEASE_SECONDS)
+        if self.lost.is_set():
+            raise StateError(f"this run's lease {self.display} lapsed or was lost to another run "
+                             "while it was held up; nothing more was sent or written, the next "
+                             "run resumes from what is there")
 
     def acquire(self) -> None:
         """Take the lease, or raise LockHeld naming its holder and expiry. Raises StateError
@@ -4223,18 +4252,31 @@ class StateStore:
 
     def save(self, state: DeploymentState) -> None:
         """Write the state if nobody else has since it was read. Raises StateError."""
-        if self.lock.lost.is_set():
-            raise StateError(f"this run lost its lock on {self.display} to another run; the state "
-                             "was not written")
+        self.lock.check_held()
         self._version = self.storage.write(self.name, [dump_state(state)], self._version)
 
     @contextlib.contextmanager
-    def locked(self) -> Iterator[None]:
-        """Hold the lock meanwhile. Raises LockHeld or StateError."""
+    def locked(self, ledger: Ledger | None = None) -> Iterator[None]:
+        """Hold the lock meanwhile, and stop the run at its next safe point (exit 4), writing
+        neither the state nor ``ledger``, once it no longer holds it. Raises LockHeld or
+        StateError."""
         self.lock.acquire()
+
+        def guard() -> None:
+            try:
+                self.lock.check_held()
+            except StateError as error:
+                STOP.request(str(error), ExitCode.STATE)
+
+        STOP.guard = guard
+        if ledger is not None:
+            ledger.lock = self.lock
         try:
             yield
         finally:
+            STOP.guard = None
+            if ledger is not None:
+                ledger.lock = None
             self.lock.release()
 
 
@@ -4289,6 +4331,7 @@ class Ledger:
     def __init__(self, storage: Storage):
         self.storage = storage
         self._versions: dict[str, str | None] = {}
+        self.lock: LocalLock | S3Lease | None = None  # the state's, while it is held
 
     @staticmethod
     def hour_file(hour: datetime) -> str:
@@ -4342,6 +4385,8 @@ class Ledger:
         chunks = ((json.dumps(line.to_json(),
                               sort_keys=True) + "\n").encode("utf-8") for line in lines)
         try:
+            if self.lock is not None:
+                self.lock.check_held()
             self._versions[name] = self.storage.write(name, chunks, self._versions.get(name))
         except StateError as error:
             raise LedgerError(str(error)) from None
@@ -5125,7 +5170,7 @@ def export(config: Config, client: Any, report: RunReport
     clazar = None if config.dry_run else ClazarClient(config)
     exporter: Exporter | None = None
     try:
-        with contextlib.nullcontext() if config.dry_run else store.locked():
+        with contextlib.nullcontext() if config.dry_run else store.locked(ledger):
             if not config.dry_run:
                 ledger.check()
             exporter = Exporter(config, HourReader(source, config.formulas),
@@ -5915,7 +5960,7 @@ def command_retry_failed(config: Config, arguments: argparse.Namespace, environ:
     clazar = None if config.dry_run else ClazarClient(config)
     timer = _run_timer(config)
     try:
-        with contextlib.nullcontext() if config.dry_run else store.locked():
+        with contextlib.nullcontext() if config.dry_run else store.locked(ledger):
             ledger.check()
             sender = None if clazar is None else Sender(clazar, RunReport())
             code, _ = retry_failed(config, store, store.load(), ledger, sender, arguments.contract,
@@ -5941,7 +5986,7 @@ def command_conflicts(config: Config, arguments: argparse.Namespace, environ: En
         print(json.dumps([line.to_json() for line in found],
                          indent=2) if arguments.json else format_waiting(found))
         return ExitCode.OK
-    with store.locked():
+    with store.locked(ledger):
         ledger.check()
         clear_conflicts(store, store.load(), ledger, arguments.contract, arguments.hour)
     return ExitCode.OK

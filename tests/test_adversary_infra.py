@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import sys
+import time
 
 import pytest
+from clazar_standin import call
 from conftest import one_hour
 from export_data import iso
 # The export (and S3 state) in the in-memory S3 of the hostile-infrastructure tests.
@@ -89,3 +93,70 @@ def test_a_state_reached_through_the_users_own_link_in_its_own_folder_is_used(ha
     assert code == 0, output
     assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
     assert json.loads(target.read_bytes())["deployment"]["last_processed_hour"] == iso(hours[0])
+
+
+# --- a run frozen past its S3 lease before it sends ---------------------------------------------
+
+SHORT_LEASE = """\
+import runpy, sys
+sys.path.insert(0, {folder!r})
+import metering_processor
+metering_processor.LEASE_SECONDS = {seconds}
+sys.argv = sys.argv[2:]  # [python, script, arguments...] as the harness starts them
+metering_processor.script()
+"""
+
+
+def stopped(pid: int) -> bool:
+    """Whether the process is stopped by a signal (state T in /proc)."""
+    with open(f"/proc/{pid}/stat") as stat_file:
+        return stat_file.read().rsplit(")", 1)[1].split()[0] in ("T", "t")
+
+
+def test_a_run_frozen_past_its_lease_before_sending_sends_nothing_once_it_wakes(harness, fake, hours, tmp_path):
+    """A run stopped (SIGSTOP, a VM paused, a laptop asleep) after writing its pending hour and
+    before sending it wakes with a lease another run has taken over. Before anything more
+    leaves it must see that its lease lapsed: otherwise it sends the hour the other run is
+    sending, meets its own records as "already exists" from a request it never made, and
+    records them as conflicts, in the ledger and the state, though they were billed once and
+    by this deployment."""
+    harness.use_s3_state()
+    env = export_of_one_hour(harness, hours)
+    shim = tmp_path / "short_lease.py"
+    shim.write_text(SHORT_LEASE.format(folder=str(harness.command()[1].rsplit("/", 1)[0]), seconds=3))
+    # The first run stops itself just after writing its pending hour (the second state write, after the services joined).
+    sleeper = harness.popen(env=env, faults={"FAULT_SIGNAL_AFTER_STATE_WRITE": "2", "FAULT_SIGNAL": "SIGSTOP"},
+                            wrapper=(sys.executable, str(shim)))
+    woken = {}
+    try:
+        for _ in range(600):
+            if sleeper.poll() is not None or stopped(sleeper.pid):
+                break
+            time.sleep(0.1)
+        assert sleeper.poll() is None and stopped(sleeper.pid), sleeper.communicate(timeout=10)[0]
+        assert harness.state()["deployment"]["pending_hour"]["hour"] == iso(hours[0])
+        time.sleep(4)  # its 3 s lease lapses while it is stopped
+
+        def wake_the_sleeper(_records):
+            # The taker's records have landed; the sleeper wakes before the answer is read.
+            os.kill(sleeper.pid, signal.SIGCONT)
+            woken["output"] = sleeper.communicate(timeout=120)[0]
+
+        harness.clazar.faults.append(call(wake_the_sleeper))
+        taker = harness.run(env=env)
+    finally:
+        if sleeper.poll() is None:
+            os.kill(sleeper.pid, signal.SIGCONT)
+            sleeper.kill()
+            sleeper.communicate()
+    output = woken["output"]
+    assert "Took over the lease" in taker.output, taker.output
+    assert taker.returncode == 0, taker.output + "\n--- the run that slept:\n" + output
+    assert sleeper.returncode == 4, output
+    assert "lease" in output and "lapsed" in output, output
+    assert harness.clazar.metering_calls == 1, output
+    assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
+    assert [(line["contract_id"], line["outcome"]) for line in harness.ledger_lines()] == [("c-1", "delivered")]
+    deployment = harness.state()["deployment"]
+    assert not deployment.get("waiting") and "pending_hour" not in deployment, deployment
+    assert deployment["last_processed_hour"] == iso(hours[0])
