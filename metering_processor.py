@@ -3953,21 +3953,40 @@ class S3Storage:
         and return the new version. Raises StateError, saying so when another writer won."""
         condition = {} if version == MAY_EXIST else {"IfNoneMatch": "*"} if version is None \
             else {"IfMatch": version}
+        digest, size = hashlib.sha256(), 0
         try:
             # Spooled to disk past 1 MiB: an hour of 20,000 lines need not sit in memory.
             with tempfile.SpooledTemporaryFile(max_size=2**20) as body:
-                body.writelines(chunks)
+                for chunk in chunks:
+                    body.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
                 body.seek(0)
                 answer = self.client.put_object(Bucket=self.bucket, Key=self.prefix + name,
                                                 Body=body,
                                                 ContentType="application/json", **condition)
         except Exception as error:
             if is_condition_failure(error):
+                # A write that landed but was answered with an error (a 500 after storing) is
+                # retried by botocore with its condition, which the write itself then fails.
+                landed = self._holds(name, digest.digest(), size)
+                if landed is not None:
+                    return landed
                 raise StateError(f"{self.what} {self.display}/{name} was changed by another run "
                                  "since this run read it; nothing was overwritten, the next run "
                                  "resumes from what is there") from None
             raise StateError(f"cannot write {self.what} {self.display}/{name}: {error}") from None
         return str(answer.get("ETag", ""))
+
+    def _holds(self, name: str, digest: bytes, size: int) -> str | None:
+        """The ETag of ``name`` if it holds exactly the ``size`` bytes of SHA-256 ``digest``
+        (this run's own write), else None."""
+        try:
+            body, etag = s3_get(self.client, self.bucket, self.prefix + name, size, self.seconds,
+                                "the size of what this run wrote")
+        except Exception:
+            return None
+        return etag if hashlib.sha256(body).digest() == digest else None
 
     def names(self, folder: str) -> list[str]:
         """The names directly inside ``folder``: objects and common prefixes alike."""
@@ -4100,11 +4119,28 @@ class S3Lease:
                            "expires_at": format_time(expires)}).encode()
 
     def _put(self, **condition: str) -> str:
-        started = time.monotonic()
-        etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=self._body(),
-                                      ContentType="application/json", **condition)["ETag"]
+        started, body = time.monotonic(), self._body()
+        try:
+            etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
+                                          ContentType="application/json", **condition)["ETag"]
+        except Exception as error:
+            # A write that landed but was answered with an error (a 500 after storing) is
+            # retried by botocore with its condition, which the write itself then fails: the
+            # lease holding this very body (our owner id, our expiry) is ours.
+            etag = self._holding(body) if is_condition_failure(error) else None
+            if etag is None:
+                raise
         self._written_at = started
         return etag
+
+    def _holding(self, body: bytes) -> str | None:
+        """The lease's ETag if it holds exactly ``body``, else None."""
+        try:
+            found, etag = s3_get(self.client, self.bucket, self.key, len(body), self.seconds,
+                                 "the size of the lease this run wrote")
+        except Exception:
+            return None
+        return etag if found == body else None
 
     def check_held(self) -> None:
         """Raise StateError if this run may no longer hold the lease: it was lost to another

@@ -160,3 +160,74 @@ def test_a_run_frozen_past_its_lease_before_sending_sends_nothing_once_it_wakes(
     deployment = harness.state()["deployment"]
     assert not deployment.get("waiting") and "pending_hour" not in deployment, deployment
     assert deployment["last_processed_hour"] == iso(hours[0])
+
+
+# --- a write that lands but is answered 500 -----------------------------------------------------
+
+
+def land_then_fail(fake, key_suffix: str, which: int) -> list[int]:
+    """The ``which``-th PutObject of a key ending in ``key_suffix`` lands, then is answered 500
+    InternalError, as a store does when it fails after storing the object: botocore retries
+    the write, with its condition. Returns the statuses the later attempts got."""
+    real, seen, later = fake._put, [0], []
+
+    def put(bucket, key, body, headers):
+        outcome = real(bucket, key, body, headers)
+        if key.endswith(key_suffix):
+            seen[0] += 1
+            if seen[0] == which and outcome[0] == 200:
+                return 500, "InternalError"
+            if seen[0] > which:
+                later.append(outcome[0])
+        return outcome
+
+    fake._put = put
+    return later
+
+
+@pytest.mark.parametrize("what, suffix, which", [
+    ("the state's commit", "metering_state.json", 3),
+    ("the hour's ledger file", ".jsonl", 1),
+    ("the lease's creation", "metering_state.json.lock", 1),
+])
+def test_a_write_that_landed_but_was_answered_500_is_not_taken_for_another_runs(harness, fake, hours, what, suffix,
+                                                                              which):
+    """The retry of a conditional write that had landed meets its own write (412): that is the
+    run's own write, not another run's, and the hour is committed as usual."""
+    harness.use_s3_state()
+    env = export_of_one_hour(harness, hours)
+    later = land_then_fail(fake, suffix, which)
+    result = harness.run(env=env)
+    assert later and later[0] == 412, (what, later)  # the retry met the write that landed
+    assert result.returncode == 0, result.output
+    assert "changed by another run" not in result.output
+    assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
+    assert [(line["contract_id"], line["outcome"]) for line in harness.ledger_lines()] == [("c-1", "delivered")]
+    deployment = harness.state()["deployment"]
+    assert deployment["last_processed_hour"] == iso(hours[0]) and "pending_hour" not in deployment
+
+
+def test_a_lease_renewal_that_landed_but_was_answered_500_keeps_the_lease(harness, fake, hours, monkeypatch):
+    """The same for a renewal: the retried renewal meets the lease it renewed, which is still
+    ours; the run goes on and commits its hour. The lease's life is shortened from 900 s to
+    3 s (the module's constant) so that it is renewed while Clazar holds the first batch."""
+    import metering_processor as mp
+
+    monkeypatch.setattr(mp, "LEASE_SECONDS", 3)
+    harness.use_s3_state()
+    env = export_of_one_hour(harness, hours)
+    later = land_then_fail(fake, "metering_state.json.lock", 2)
+
+    def until_renewed(_records):
+        for _ in range(300):
+            if later:
+                return
+            time.sleep(0.1)
+
+    harness.clazar.faults.append(call(until_renewed, before_landing=True))
+    result = harness.run(env=env)
+    assert later and later[0] == 412, later  # the retried renewal met the renewal that landed
+    assert result.returncode == 0, result.output
+    assert "Lost the lease" not in result.output and "lapsed" not in result.output
+    assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
+    assert harness.state()["deployment"]["last_processed_hour"] == iso(hours[0])
