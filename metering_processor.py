@@ -3088,14 +3088,25 @@ def s3_client(workers: int = S3_READ_CONCURRENCY) -> Any:
     # Keep S3's timestamps as the strings they arrive as (the AWS CLI does the same):
     # nothing here reads LastModified, and parsing it was a third of the CPU of a GET.
     session.get_component("response_parser_factory").set_parser_defaults(timestamp_parser=str)
-    # An endpoint over plain http (loopback only, see _s3_endpoint) is reached directly:
-    # botocore would send its signed requests and the session token through any *_proxy.
-    endpoint = (os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "")
-    direct = {"proxies": {}} if endpoint.strip().lower().startswith("http://") else {}
-    config = BotoConfig(max_pool_connections=workers + 4, connect_timeout=10, read_timeout=30,
-                        retries={"mode": "standard", "max_attempts": 4}, **direct)
-    return boto3.session.Session(botocore_session=session, **_environment_keys()).client(
-        "s3", config=config)
+    keyed = boto3.session.Session(botocore_session=session, **_environment_keys())
+
+    def client(**direct: Any) -> Any:
+        return keyed.client("s3", config=BotoConfig(
+            max_pool_connections=workers + 4, connect_timeout=10, read_timeout=30,
+            retries={"mode": "standard", "max_attempts": 4}, **direct))
+
+    # The endpoint as boto3 resolved it: from AWS_ENDPOINT_URL_S3 or AWS_ENDPOINT_URL (checked
+    # with the settings), or from the AWS config file's endpoint_url, which only this sees.
+    # Over plain http it must be loopback, and is reached directly: botocore would send its
+    # signed requests and the session token through any *_proxy.
+    first = client()
+    endpoint = str(first.meta.endpoint_url or "")
+    if not endpoint.lower().startswith("http://"):
+        return first
+    check_url(f"the S3 endpoint {_shown_url(endpoint)} (from AWS_ENDPOINT_URL_S3, "
+              "AWS_ENDPOINT_URL or the AWS config file's endpoint_url)", endpoint,
+              carries_credentials=True, allow_userinfo=True)
+    return client(proxies={})
 
 
 def error_code(error: Exception) -> str:

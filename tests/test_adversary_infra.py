@@ -231,3 +231,36 @@ def test_a_lease_renewal_that_landed_but_was_answered_500_keeps_the_lease(harnes
     assert "Lost the lease" not in result.output and "lapsed" not in result.output
     assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
     assert harness.state()["deployment"]["last_processed_hour"] == iso(hours[0])
+
+
+# --- an S3 endpoint from the AWS config file -----------------------------------------------------
+
+
+@pytest.mark.parametrize("proxied", [False, True])
+def test_an_s3_endpoint_over_plain_http_from_the_aws_config_file_is_checked_like_the_variable(
+        harness, fake, hours, proxied):
+    """boto3 also takes the endpoint from the AWS config file (``endpoint_url``): a plain-http
+    endpoint there, to another host, would carry the session token and every signed request
+    in clear, through any proxy; one to loopback is reached directly, never through the proxy."""
+    from test_operations import Listener
+
+    env = export_of_one_hour(harness, hours)
+    token = "session-token-from-the-config-file-51d3"
+    with Listener("127.0.0.2") as proxy:
+        config = harness.folder / "aws-config"
+        # 192.0.2.1 is TEST-NET-1, reached by no one: only the proxy could be asked for it.
+        endpoint = fake.endpoint if proxied else "http://192.0.2.1:9000"
+        config.write_text(f"[default]\nendpoint_url = {endpoint}\n")
+        proxies = {name: proxy.url for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY")}
+        result = harness.run(env={**env, "AWS_ENDPOINT_URL_S3": None, "AWS_CONFIG_FILE": str(config),
+                                  "AWS_SESSION_TOKEN": token, **proxies}, separate_process=True, timeout=60)
+    assert (proxy.connections, proxy.received) == (0, b""), result.output
+    assert token not in result.output
+    if proxied:  # a loopback endpoint: used, straight
+        assert result.returncode == 0, result.output
+        assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
+    else:
+        assert result.returncode == 2, result.output
+        assert "the S3 endpoint 'http://192.0.2.1:9000'" in result.output, result.output
+        assert "uses plain http:// to '192.0.2.1'" in result.output, result.output
+        assert harness.clazar.auth_calls == 0 and harness.state() == {}
