@@ -4000,18 +4000,39 @@ class S3Storage:
         return etag if hashlib.sha256(body).digest() == digest else None
 
     def names(self, folder: str) -> list[str]:
-        """The names directly inside ``folder``: objects and common prefixes alike."""
-        names = []
+        """The names directly inside ``folder``: objects and common prefixes alike.
+
+        Paged here, as the export's listing is (see ExportSource.list_hour): a continuation
+        token seen before, more than MAX_LISTING_PAGES pages or more than S3_TIMEOUT_SECONDS
+        in all is a StateError naming the prefix, never a listing without end."""
+        where = f"cannot list {self.what} {self.display}/{folder}"
+        arguments = {"Bucket": self.bucket, "Delimiter": "/",
+                     "Prefix": self.prefix + (folder + "/" if folder else "")}
+        ends, seen, names = time.monotonic() + self.seconds, set(), set()
         try:
-            for page in self.client.get_paginator("list_objects_v2").paginate(
-                    Bucket=self.bucket, Prefix=self.prefix + (folder + "/" if folder else ""),
-                    Delimiter="/"):
-                names += [item["Prefix"].rstrip("/").rsplit("/", 1)[-1]
-                          for item in page.get("CommonPrefixes", ())]
-                names += [item["Key"].rsplit("/", 1)[-1] for item in page.get("Contents", ())]
+            for _ in range(MAX_LISTING_PAGES):
+                page = within_deadline(lambda: self.client.list_objects_v2(**arguments),
+                                       max(0.0, ends - time.monotonic()), "while listing the "
+                                       + self.what)
+                names.update(item["Prefix"].rstrip("/").rsplit("/", 1)[-1]
+                             for item in page.get("CommonPrefixes", ()))
+                names.update(item["Key"].rsplit("/", 1)[-1] for item in page.get("Contents", ()))
+                token = page.get("NextContinuationToken")
+                if not page.get("IsTruncated"):
+                    return sorted(names)
+                if not token or token in seen:
+                    raise StateError(f"{where}: S3 repeated a continuation token; the listing "
+                                     "would never end")
+                seen.add(token)
+                arguments["ContinuationToken"] = token
+        except DeadlinePassed:
+            raise StateError(f"{where}: not done within {self.seconds:g} s "
+                             "(S3_TIMEOUT_SECONDS)") from None
+        except StateError:
+            raise
         except Exception as error:
-            raise StateError(f"cannot list {self.what} {self.display}/{folder}: {error}") from None
-        return sorted(names)
+            raise StateError(f"{where}: {error}") from None
+        raise StateError(f"{where}: more than {MAX_LISTING_PAGES} pages")
 
     def delete(self, name: str) -> None:
         try:

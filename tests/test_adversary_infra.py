@@ -13,7 +13,7 @@ import time
 
 import pytest
 from clazar_standin import call
-from conftest import one_hour
+from conftest import one_hour, run_or_kill
 from export_data import iso
 # The export (and S3 state) in the in-memory S3 of the hostile-infrastructure tests.
 from test_hostile_s3 import (EXPORTER_UID, PLANTER_UID, as_another_user, export_of_one_hour, fake,  # noqa: F401
@@ -264,3 +264,25 @@ def test_an_s3_endpoint_over_plain_http_from_the_aws_config_file_is_checked_like
         assert "the S3 endpoint 'http://192.0.2.1:9000'" in result.output, result.output
         assert "uses plain http:// to '192.0.2.1'" in result.output, result.output
         assert harness.clazar.auth_calls == 0 and harness.state() == {}
+
+
+# --- a ledger listing that never ends -------------------------------------------------------------
+
+
+@pytest.mark.parametrize("tokens", [("A", "B"), None])
+def test_a_ledger_listing_that_never_ends_stops_retention_with_a_warning(harness, fake, hours, tokens):
+    """Ledger retention lists the ledger's folders on S3 like the export's: a listing whose
+    tokens cycle (which botocore's paginator lets through) or that is always truncated stops
+    at the first token seen again, S3_TIMEOUT_SECONDS or the page cap, with a warning naming
+    the prefix; the hour was billed and committed, so the run still succeeds."""
+    harness.use_s3_state()
+    env = export_of_one_hour(harness, hours)
+    fake.never_end_listing("exporter/metering_ledger/", tokens=tokens, delay=0.05)
+    ended, code, output = run_or_kill(harness, {**env, "S3_TIMEOUT_SECONDS": "3"}, timeout=60)
+    fake.behave()
+    assert ended, "the run was still listing the ledger after 60 s:\n" + output
+    assert code == 0, output
+    assert "Could not delete ledger days older than" in output and \
+        "cannot list ledger s3://" in output and "/exporter/metering_ledger" in output, output
+    assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
+    assert harness.state()["deployment"]["last_processed_hour"] == iso(hours[0])
