@@ -3775,10 +3775,11 @@ def check_folder(path: str, what: str) -> None:
                          f"the {what} in a folder of your own (mode 0700)")
 
 
-def check_links(path: str, what: str) -> None:
-    """Raise StateError if a symbolic link on the way to ``path`` lies in a folder others may
-    write (see check_folder) or belongs to another user (root aside): whoever may plant or
-    swap the link chooses what is read as the state and where it is written."""
+def check_links(path: str, what: str, variable: str = "STATE_FILE_PATH") -> None:
+    """Raise StateError if a symbolic link on the way to ``path`` (``variable``) lies in a
+    folder others may write (see check_folder) or belongs to another user (root aside):
+    whoever may plant or swap the link chooses what is read as the state or ledger and
+    where it is written."""
     current, pending, hops = os.sep, os.path.abspath(path).split(os.sep)[1:], 0
     while pending and hops <= 40:  # past 40 links the path itself fails to resolve (ELOOP)
         part = pending.pop(0)
@@ -3806,8 +3807,8 @@ def check_links(path: str, what: str) -> None:
         if problem:
             raise StateError(f"the {what}'s path {candidate} is a symbolic link that {problem}: "
                              f"whoever could plant or swap it chooses the {what} this run "
-                             "reads and writes, so it was not followed. Point STATE_FILE_PATH "
-                             "at a file in a folder of your own")
+                             f"reads and writes, so it was not followed. Point {variable} "
+                             "at a folder of your own")
         target = os.readlink(candidate)
         if os.path.isabs(target):
             current = os.sep
@@ -4411,6 +4412,7 @@ class Ledger:
         ledger is written after."""
         if isinstance(self.storage, LocalStorage):
             root = os.path.abspath(self.storage.root)
+            check_links(root, "ledger", "LEDGER_PATH")
             folder = root if os.path.isdir(root) else os.path.dirname(root)
             check_folder(folder, "ledger")
             if os.path.isdir(folder) and not os.access(folder, os.W_OK | os.X_OK):

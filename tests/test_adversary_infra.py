@@ -73,6 +73,7 @@ def test_a_state_reached_through_a_link_another_user_planted_is_exit_4_before_an
     code, output = run_as_exporter_user(harness, home, {**env, "STATE_FILE_PATH": str(link)})
     assert code == 4, output
     assert f"the state's path {link} is a symbolic link" in output, output
+    assert "Point STATE_FILE_PATH at a folder of your own" in output
     assert "Traceback" not in output
     assert harness.clazar.metering_calls == 0 and harness.clazar.auth_calls == 0
     assert fake.requests == [], "nothing was read from S3"
@@ -286,3 +287,26 @@ def test_a_ledger_listing_that_never_ends_stops_retention_with_a_warning(harness
         "cannot list ledger s3://" in output and "/exporter/metering_ledger" in output, output
     assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): 2}
     assert harness.state()["deployment"]["last_processed_hour"] == iso(hours[0])
+
+
+@as_another_user
+def test_a_ledger_reached_through_a_link_another_user_planted_is_exit_4_before_anything_is_sent(
+        harness, fake, hours, unprivileged):
+    """The same for LEDGER_PATH: whoever may swap the link chooses where ledger days are
+    written, and which folder's old days retention deletes."""
+    base, home = unprivileged
+    env = export_of_one_hour(harness, hours)
+    shared = folder(base / "shared", 0, 0o1777)  # as /tmp is
+    own = folder(base / "own", EXPORTER_UID, 0o700)
+    state_folder = folder(base / "state", EXPORTER_UID, 0o700)
+    link = shared / "metering_ledger"
+    link.symlink_to(own)
+    os.lchown(link, PLANTER_UID, PLANTER_UID)
+    code, output = run_as_exporter_user(harness, home, {
+        **env, "STATE_FILE_PATH": str(state_folder / "metering_state.json"), "LEDGER_PATH": str(link)})
+    assert code == 4, output
+    assert f"the ledger's path {link} is a symbolic link that belongs to user id {PLANTER_UID}" in output, output
+    assert "Point LEDGER_PATH at a folder of your own" in output
+    assert "Traceback" not in output
+    assert harness.clazar.metering_calls == 0 and harness.clazar.auth_calls == 0
+    assert os.listdir(own) == [] and not (state_folder / "metering_state.json").exists()
