@@ -5288,7 +5288,9 @@ def _run_exporter(exporter: Exporter, marker: ExportMarker | None,
         raise
     except Exception as error:
         # A defect, not bad input: the hour stays due (or pending, if it was recorded).
-        report.failure = f"unexpected {type(error).__name__}: {shown_text(str(error), 300)}"
+        # Masked, then cut: a secret straddling the cut is masked whole, not kept in part.
+        report.failure = (f"unexpected {type(error).__name__}: "
+                          f"{shown_text(mask_secrets(str(error)), 300)}")
         log.error("%s (a defect: please report it with the DEBUG log)", report.failure)
         log.debug("Where it happened", exc_info=error)
     summarise(report, exporter.config, utc_now())
@@ -5831,7 +5833,7 @@ def push_metrics(url: str, deployment: str, text: str) -> None:
         return
     if not 200 <= status < 300:
         log.warning("Could not push the metrics to %s: HTTP %d: %s", shown, status,
-                    escape_control(mask_outside(body[:200].decode("utf-8", "replace"))))
+                    escape_control(mask_outside(body.decode("utf-8", "replace")))[:200])
         return
     log.debug("Pushed the metrics to %s", shown)
 
@@ -6144,7 +6146,7 @@ def run_command(arguments: argparse.Namespace, environ: Mapping[str, str]) -> in
     except Exception as error:  # a defect
         log.error("Unexpected %s: %s (a defect: please report it with the DEBUG log)",
                   type(error).__name__,
-                  shown_text(str(error), 500))
+                  shown_text(mask_secrets(str(error)), 500))
         log.debug("Where it happened", exc_info=error)
         return ExitCode.FAILED
 

@@ -310,3 +310,29 @@ def test_a_ledger_reached_through_a_link_another_user_planted_is_exit_4_before_a
     assert "Traceback" not in output
     assert harness.clazar.metering_calls == 0 and harness.clazar.auth_calls == 0
     assert os.listdir(own) == [] and not (state_folder / "metering_state.json").exists()
+
+
+# --- a secret straddling the cut of an error message -----------------------------------------------
+
+
+@pytest.mark.parametrize("where", ["hour", "command"])
+def test_a_defect_whose_message_carries_a_secret_at_the_cut_shows_none_of_it(harness, fake, hours, monkeypatch,
+                                                                             where):
+    """Error texts are cut short; masking must come first, or a secret straddling the cut
+    keeps its first characters in the log, the state and status."""
+    import metering_processor as mp
+
+    env = export_of_one_hour(harness, hours)
+    secret = harness.clazar.client_secret
+    at = 300 if where == "hour" else 500
+
+    def defect(*_arguments, **_keywords):
+        raise RuntimeError("x" * (at - 6) + secret)
+
+    monkeypatch.setattr(mp, "billable_amounts" if where == "hour" else "export", defect)
+    result = harness.run(env=env)
+    assert result.returncode == 1, result.output
+    assert "a defect" in result.output
+    status = harness.report("status", "--json", env=env).output
+    for text in (result.output, status, json.dumps(harness.state())):
+        assert "xxxxxx" + secret[:4] not in text, text
