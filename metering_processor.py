@@ -1051,7 +1051,8 @@ class _FormulaChecker:
 
     def check(self, node: ast.AST, depth: int) -> ast.expr:
         if depth > 50:
-            raise self.refuse("is nested too deeply")
+            raise self.refuse("is nested too deeply: more than 50 levels (each term of a long "
+                              "sum or product is a level: split it with parentheses)")
         if isinstance(node, ast.Constant):
             return self.constant(node)
         if isinstance(node, ast.Name):

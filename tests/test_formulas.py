@@ -141,6 +141,11 @@ def test_the_bounds_are_the_documented_ones():
     assert formula("1 + " * 50 + "1").evaluate({}) == 51
     with pytest.raises(mp.ConfigError, match="nested too deeply"):
         formula("-" * 51 + "1")
+    # A flat sum of 52 terms is 51 levels: the message says how to write it instead.
+    with pytest.raises(mp.ConfigError, match="each term of a long sum or product is a level"):
+        formula("1 + " * 51 + "1")
+    terms = " + ".join(["1"] * 26)
+    assert formula(f"({terms}) + ({terms})").evaluate({}) == 52
     assert formula("2 ** 64 + 2 ** -64").evaluate({}) == Fraction(2**128 + 1, 2**64)
     assert formula("round(cpu_core_hours / 7, -20)").evaluate(VALUES) == 0
     assert formula("2 ** 63 * 2 ** 63 * 2 ** 63").evaluate({}) == 2**189
