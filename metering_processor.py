@@ -2959,8 +2959,9 @@ def within_deadline(call: Callable[[], Any], seconds: float, where: str) -> Any:
 class DaemonPool:
     """Threads that run submitted calls, started as needed up to ``workers``, that never
     hold up the process's exit: a call abandoned past its deadline keeps its thread, which
-    ends with the process (concurrent.futures joins its threads at exit, for ever). Each
-    future gets ``started``, the monotonic time its call began."""
+    ends when the call returns or with the process (concurrent.futures joins its threads at
+    exit, for ever), and another thread takes its place. Each future gets ``started``, the
+    monotonic time its call began."""
 
     def __init__(self, workers: int, name: str):
         self.workers = workers
@@ -2985,19 +2986,37 @@ class DaemonPool:
             for _ in range(self._threads):
                 self._calls.put(None)
 
+    def abandon(self, future: concurrent.futures.Future) -> None:
+        """Give up on a running call: its thread ends once the call returns, and another
+        takes its place now, or the calls queued behind abandoned ones would never start."""
+        with self._lock:
+            if getattr(future, "returned", True) or getattr(future, "abandoned", False):
+                return
+            future.abandoned = True
+            threading.Thread(target=self._serve, name=f"{self.name}_{id(future)}",
+                             daemon=True).start()
+
     def _serve(self) -> None:
         while True:
             item = self._calls.get()
             if item is None:
                 return
             call, future = item
-            future.started = time.monotonic()
+            future.returned, future.started = False, time.monotonic()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
-                future.set_result(call())
-            except BaseException as error:  # handed over to whoever waits on the future
+                result, error = call(), None
+            except BaseException as raised:  # handed over to whoever waits on the future
+                result, error = None, raised
+            with self._lock:
+                future.returned = True
+            if error is None:
+                future.set_result(result)
+            else:
                 future.set_exception(error)
+            if getattr(future, "abandoned", False):
+                return
 
 
 class RequestFailed(OSError):
@@ -3299,9 +3318,12 @@ class ExportSource:
             yield future.result()
         STOP.check("while reading the export")
         now = time.monotonic()
-        for future, key in pending.items():
-            if now - getattr(future, "started", now) > self.seconds:
-                raise too_slow(self.bucket, key, self.seconds)
+        overdue = [(future, key) for future, key in pending.items()
+                   if now - getattr(future, "started", now) > self.seconds]
+        for future, _ in overdue:
+            self._pool.abandon(future)
+        if overdue:
+            raise too_slow(self.bucket, overdue[0][1], self.seconds)
 
 
 class HourReader:
