@@ -2968,6 +2968,7 @@ class DaemonPool:
         self.name = name
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self._threads = 0
+        self._closed = False
         self._lock = threading.Lock()  # hours read ahead submit from two threads
 
     def submit(self, call: Callable[[], Any]) -> concurrent.futures.Future:
@@ -2983,6 +2984,7 @@ class DaemonPool:
     def shutdown(self) -> None:
         """Let every thread end once the calls queued before are done or cancelled."""
         with self._lock:
+            self._closed = True
             for _ in range(self._threads):
                 self._calls.put(None)
 
@@ -2993,6 +2995,8 @@ class DaemonPool:
             if getattr(future, "returned", True) or getattr(future, "abandoned", False):
                 return
             future.abandoned = True
+            if self._closed:  # no call is left to run: none replaces it
+                return
             threading.Thread(target=self._serve, name=f"{self.name}_{id(future)}",
                              daemon=True).start()
 
@@ -3288,8 +3292,8 @@ class ExportSource:
 
         At most twice the pool size of reads are queued, so memory stays bounded however
         many files an hour holds. The first failure is raised, or SourceError for a read
-        not done within S3_TIMEOUT_SECONDS of its start, and the reads still queued are
-        cancelled. Raises RunStopped once a stop is asked for.
+        not done within S3_TIMEOUT_SECONDS of its start; the reads still queued are then
+        cancelled and those running abandoned. Raises RunStopped once a stop is asked for.
         """
         pending: dict[concurrent.futures.Future, str] = {}
         try:
@@ -3301,8 +3305,9 @@ class ExportSource:
             while pending:
                 yield from self._finished(pending)
         finally:
-            for future in pending:
-                future.cancel()
+            for future in pending:  # a read left running (another failed) gives up its thread
+                if not future.cancel():
+                    self._pool.abandon(future)
 
     def _finished(self, pending: dict[concurrent.futures.Future, str]
                   ) -> Iterator[tuple[str, bytes, str]]:
@@ -3364,9 +3369,10 @@ class HourReader:
                                           "read")
                 owner[key] = service.key
         read = []
-        for key, body, etag in self.source.read_all(sorted(owner)):
-            usage.add(owner[key], parse_export_file(key, body, with_prices=self.with_prices))
-            read.append((key, etag))
+        with contextlib.closing(self.source.read_all(sorted(owner))) as files:
+            for key, body, etag in files:
+                usage.add(owner[key], parse_export_file(key, body, with_prices=self.with_prices))
+                read.append((key, etag))
         usage.sources = hour_digest(read)
         return usage
 
