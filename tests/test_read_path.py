@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import signal
 import subprocess
 import time
@@ -146,3 +147,19 @@ def test_a_stop_while_reads_trickle_and_others_wait_ends_the_run_by_itself_and_t
     result = harness.run(env=env)
     assert result.returncode == 0, result.output
     assert harness.clazar.accepted_quantities() == {("c-1", "cpu_core_hours", iso(hours[0])): len(files)}
+
+
+# --- an accounted hour's JSON, made once ---------------------------------------------------------
+
+
+def test_an_accounted_hour_changed_by_a_late_check_is_written_with_its_new_amounts():
+    """The late check changes a mark with dataclasses.replace: the JSON made for the mark before
+    must not be the one written for the mark after."""
+    mark = mp.AccountedHour("a" * 64, "b" * 64, {("c-1", "cpu_core_hours"): Fraction(2)}, ("svc",))
+    before = mark.to_json()
+    after = dataclasses.replace(mark, sources="c" * 64, amounts={("c-1", "cpu_core_hours"): Fraction(5, 2)},
+                                checks=1)
+    assert after.to_json() == {"sources": "c" * 64, "formulas": "b" * 64, "checks": 1, "services": ["svc"],
+                               "amounts": {"c-1": {"cpu_core_hours": "2.5"}}}
+    assert mark.to_json() == before and before["amounts"] == {"c-1": {"cpu_core_hours": "2"}}
+    assert mp.AccountedHour.from_json(after.to_json()) == after
