@@ -37,11 +37,13 @@ def _port_is_free(port: int) -> bool:
 
 
 def free_ports(count: int) -> list[int]:
-    """Ports below 45536 whose +10000 neighbour is free too: SeaweedFS opens each gRPC
-    listener at its HTTP port + 10000."""
+    """Free ports whose +10000 neighbour is free too: SeaweedFS opens each gRPC listener at
+    its HTTP port + 10000. HTTP ports come from 20000-22767, so their gRPC neighbours
+    (30000-32767) are never another server's HTTP port, nor a port the kernel hands out to a
+    connection or to a server binding port 0 (32768 and above)."""
     chosen: list[int] = []
     while len(chosen) < count:
-        port = random.randint(20000, 45000)
+        port = random.randint(20000, 22767)
         if port in chosen or port + 10000 in chosen:
             continue
         if _port_is_free(port) and _port_is_free(port + 10000):
