@@ -3189,6 +3189,19 @@ def s3_get(client: Any, bucket: str, key: str, limit: int, seconds: float,
         raise too_slow(bucket, key, seconds) from None
 
 
+def landed_etag(client: Any, bucket: str, key: str, digest: bytes, size: int,
+                seconds: float) -> str | None:
+    """The object's ETag if it holds exactly the ``size`` bytes of SHA-256 ``digest``, else
+    None (unreadable included). A conditional write that landed but was answered with an
+    error (a 500 after storing) is retried by botocore with its condition, which the write
+    itself then fails: this tells the run's own write from another run's."""
+    try:
+        body, etag = s3_get(client, bucket, key, size, seconds, "the size of what was written")
+    except Exception:
+        return None
+    return etag if hashlib.sha256(body).digest() == digest else None
+
+
 @dataclass(frozen=True)
 class HourListing:
     """The export files of one service's hour folder, with their sizes and ETags."""
@@ -4008,9 +4021,8 @@ class S3Storage:
                                                 ContentType="application/json", **condition)
         except Exception as error:
             if is_condition_failure(error):
-                # A write that landed but was answered with an error (a 500 after storing) is
-                # retried by botocore with its condition, which the write itself then fails.
-                landed = self._holds(name, digest.digest(), size)
+                landed = landed_etag(self.client, self.bucket, self.prefix + name,
+                                     digest.digest(), size, self.seconds)
                 if landed is not None:
                     return landed
                 raise StateError(f"{self.what} {self.display}/{name} was changed by another run "
@@ -4018,16 +4030,6 @@ class S3Storage:
                                  "resumes from what is there") from None
             raise StateError(f"cannot write {self.what} {self.display}/{name}: {error}") from None
         return str(answer.get("ETag", ""))
-
-    def _holds(self, name: str, digest: bytes, size: int) -> str | None:
-        """The ETag of ``name`` if it holds exactly the ``size`` bytes of SHA-256 ``digest``
-        (this run's own write), else None."""
-        try:
-            body, etag = s3_get(self.client, self.bucket, self.prefix + name, size, self.seconds,
-                                "the size of what this run wrote")
-        except Exception:
-            return None
-        return etag if hashlib.sha256(body).digest() == digest else None
 
     def names(self, folder: str) -> list[str]:
         """The names directly inside ``folder``: objects and common prefixes alike.
@@ -4186,23 +4188,13 @@ class S3Lease:
             etag = self.client.put_object(Bucket=self.bucket, Key=self.key, Body=body,
                                           ContentType="application/json", **condition)["ETag"]
         except Exception as error:
-            # A write that landed but was answered with an error (a 500 after storing) is
-            # retried by botocore with its condition, which the write itself then fails: the
-            # lease holding this very body (our owner id, our expiry) is ours.
-            etag = self._holding(body) if is_condition_failure(error) else None
+            # The lease holding this very body (our owner id, our expiry) is ours.
+            etag = landed_etag(self.client, self.bucket, self.key, hashlib.sha256(body).digest(),
+                               len(body), self.seconds) if is_condition_failure(error) else None
             if etag is None:
                 raise
         self._written_at = started
         return etag
-
-    def _holding(self, body: bytes) -> str | None:
-        """The lease's ETag if it holds exactly ``body``, else None."""
-        try:
-            found, etag = s3_get(self.client, self.bucket, self.key, len(body), self.seconds,
-                                 "the size of the lease this run wrote")
-        except Exception:
-            return None
-        return etag if found == body else None
 
     def check_held(self) -> None:
         """Raise StateError if this run may no longer hold the lease: it was lost to another
