@@ -501,6 +501,18 @@ def run_or_kill(harness, env, timeout):
 # --- helpers for 2.0.0's ledger, state and metrics (tests of the deployment rules) -----------
 
 
+def put_ledger_files(harness, files: dict[str, bytes]) -> None:
+    """Files under the ledger (a folder beside the state, or its S3 prefix), by relative name."""
+    for name, body in files.items():
+        if harness.state_in_s3:
+            prefix = harness.state_key.rpartition("/")[0] + "/metering_ledger/"
+            harness.s3.put_object(Bucket=harness.state_bucket, Key=prefix + name, Body=body)
+        else:
+            path = harness.state_path.parent / "metering_ledger" / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(body)
+
+
 def ledger_waiting(harness, outcome: str = "rejected") -> list[dict]:
     """The ledger lines of the records waiting as ``outcome`` (rejected or conflict), found
     as the exporter finds them: each hour's lines parsed, the latest line of a record its fate."""

@@ -228,25 +228,29 @@ class FakeS3:
             if headers.get("If-None-Match") == "*" and found is not None \
                     and "If-None-Match" not in self.ignored_conditions:
                 return 412, "PreconditionFailed"
-            wanted = headers.get("If-Match")
-            if wanted is not None and "If-Match" not in self.ignored_conditions:
-                if found is None:
-                    return 404, "NoSuchKey"
-                if wanted != found[1]:
-                    return 412, "PreconditionFailed"
+            refused = self._if_match_refusal(found, headers)
+            if refused:
+                return refused
             objects[key] = (body, etag_of(body))
             return 200, etag_of(body)
+
+    def _if_match_refusal(self, found: Any, headers: Any) -> tuple[int, str] | None:
+        """S3's answer to an If-Match the object ``found`` (or its absence) fails, unless
+        the fake ignores If-Match."""
+        wanted = headers.get("If-Match")
+        if wanted is None or "If-Match" in self.ignored_conditions:
+            return None
+        if found is None:
+            return 404, "NoSuchKey"
+        return (412, "PreconditionFailed") if wanted != found[1] else None
 
     def _delete(self, bucket: str, key: str, headers: Any) -> tuple[int, str]:
         with self.lock:
             objects = self.buckets[bucket]
             found = objects.get(key)
-            wanted = headers.get("If-Match")
-            if wanted is not None and "If-Match" not in self.ignored_conditions:
-                if found is None:
-                    return 404, "NoSuchKey"
-                if wanted != found[1]:
-                    return 412, "PreconditionFailed"
+            refused = self._if_match_refusal(found, headers)
+            if refused:
+                return refused
             objects.pop(key, None)
             return 204, ""
 

@@ -9,7 +9,7 @@ from datetime import timedelta
 
 import pytest
 from clazar_standin import status
-from conftest import SERVICE, fabricate_waiting, ledger_waiting, metric_value
+from conftest import SERVICE, fabricate_waiting, ledger_waiting, metric_value, put_ledger_files
 from export_data import GIB, iso, record, service_key
 
 KEY = service_key(SERVICE)
@@ -265,18 +265,6 @@ def old_ledger_file(hour: str) -> bytes:
                         "hour": f"{hour}:00:00Z", "cloud": "aws", "quantity": 2, "outcome": "delivered",
                         "at": f"{hour}:05:00Z", "record_id": "r-1", "amount": "2", "carried_in": "0"})
             + "\n").encode()
-
-
-def put_ledger_files(harness, files: dict[str, bytes]) -> None:
-    """Files under the ledger (a folder beside the state, or its S3 prefix), by relative name."""
-    for name, body in files.items():
-        if harness.state_in_s3:
-            prefix = harness.state_key.rpartition("/")[0] + "/metering_ledger/"
-            harness.s3.put_object(Bucket=harness.state_bucket, Key=prefix + name, Body=body)
-        else:
-            path = harness.state_path.parent / "metering_ledger" / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(body)
 
 
 def ledger_file_names(harness) -> set[str]:

@@ -1,3 +1,4 @@
+# ruff: noqa: F811 - the fixtures of test_hostile_s3, imported, are parameters here
 """The export's read path: files read on a pool of threads whose deadline read_all watches."""
 
 from __future__ import annotations
@@ -11,27 +12,11 @@ from fractions import Fraction
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from conftest import Harness, cpu, run_or_kill
+from conftest import cpu, run_or_kill
 from export_data import iso
-from fake_s3 import FakeS3
+from test_hostile_s3 import fake, harness  # noqa: F401 - fixtures
 
 import metering_processor as mp
-
-EXPORT = "export"
-
-
-@pytest.fixture
-def fake():
-    with FakeS3() as server:
-        yield server
-
-
-@pytest.fixture
-def harness(fake, clazar, tmp_path) -> Harness:
-    fake.create_bucket(EXPORT)
-    harness = Harness(fake.client(), fake, EXPORT, clazar, tmp_path)
-    harness.env["S3_TIMEOUT_SECONDS"] = "10"
-    return harness
 
 
 def test_reads_abandoned_past_their_deadline_do_not_starve_the_hours_read_after_them(harness, fake, hours):
