@@ -25,7 +25,7 @@ from xml.sax.saxutils import escape as xml_escape
 
 import pytest
 from clazar_standin import DUPLICATE_ERROR, call, status
-from conftest import CLIENT_SECRET, SERVICE, cpu, run_in_process
+from conftest import CLIENT_SECRET, SERVICE, cpu, put_ledger_files, run_in_process
 from export_data import (MARKER_KEY, current_hour, files_with_refusals, hour_prefix, iso, pod_records, record,
                          service_key, write_marker)
 from servers import Pushgateway
@@ -300,12 +300,18 @@ def test_a_stop_during_retry_failed_then_a_retry_delivers_every_record_once(harn
     env = {"CLAZAR_BATCH_SIZE": "1"}
     process: list[subprocess.Popen] = []
 
+    # The stop comes once all four batches have landed: on a loaded machine a sender thread
+    # could otherwise still be before its stop check when SIGTERM arrives, and rightly not send.
+    all_in_flight = threading.Barrier(4, timeout=60)
+
     def stop_while_in_flight(records):
         # This batch has landed; its answer is held while the run is told to stop.
+        all_in_flight.wait()
         process[0].send_signal(signal.SIGTERM)
         time.sleep(1.5)
 
     def held(records):
+        all_in_flight.wait()
         time.sleep(1.5)
 
     harness.clazar.faults.extend([call(stop_while_in_flight), call(held), call(held), call(held)])
@@ -796,16 +802,6 @@ def ledger_files(harness) -> dict[str, bytes]:
     return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*")) if path.is_file()}
 
 
-def plant_in_ledger(harness, name: str, body: bytes) -> None:
-    if harness.state_in_s3:
-        prefix = harness.state_key.rpartition("/")[0] + "/metering_ledger/"
-        harness.s3.put_object(Bucket=harness.state_bucket, Key=prefix + name, Body=body)
-    else:
-        path = harness.state_path.parent / "metering_ledger" / name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(body)
-
-
 def test_ledger_retention_deletes_only_the_ledgers_own_files(backend_harness, hours):
     harness = backend_harness
     harness.write_hour(hours[0], {"sub-AAAAAAAAAA": [cpu(hours[0], "c-1", "sub-AAAAAAAAAA", 2)]})
@@ -826,8 +822,7 @@ def test_ledger_retention_deletes_only_the_ledgers_own_files(backend_harness, ho
                "2019-05-01/notes.txt": b"kept by someone else\n",
                # Named like a ledger file, but not ledger lines.
                "2019-05-01/2019-05-01T07.jsonl": b'{"invoice": 7}\n'}
-    for name, body in {**old, **foreign}.items():
-        plant_in_ledger(harness, name, body)
+    put_ledger_files(harness, {**old, **foreign})
 
     result = harness.run(env=env)  # nothing is due; retention runs at the end
     assert result.returncode == 0, result.output
